@@ -1,0 +1,35 @@
+# Two commands are the whole setup on a fresh machine with only python3:
+#   make run    create .venv if missing or stale, make the synthetic cohort, run every notebook, print the report path
+#   make test   same environment, run the test suite
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/default.yaml
+PYTEST_ARGS ?=
+
+.PHONY: run test smoke bench lab clean-venv
+
+$(STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e .
+	$(VENV)/bin/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/nrfm run --config $(CONFIG)
+
+smoke: $(STAMP)
+	$(VENV)/bin/nrfm run --config configs/smoke.yaml
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -ra $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/nrfm bench
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean-venv:
+	rm -rf $(VENV)

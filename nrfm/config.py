@@ -1,0 +1,377 @@
+"""Run configuration: one frozen dataclass per stage, loaded from YAML and validated.
+
+A YAML file mirrors :class:`Config`: top-level ``seed`` and ``device`` plus one mapping per stage
+(``cohort``, ``preprocessing``, ``pretraining``, ``finetuning``, ``analyses``, ``report``). Keys left out
+take the defaults below. An unknown key, a wrong type or an out-of-range value raises
+:class:`~nrfm.errors.ConfigError` naming the file and the dotted key, e.g.
+``configs/my.yaml: pretraining.epochs: must be >= 1, got 0``.
+
+Example::
+
+    cfg = load_config("configs/smoke.yaml", overrides={"seed": 1})
+    cfg.pretraining.epochs
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from nrfm.errors import ConfigError
+
+BINARY_ENDPOINTS = ("mgmt", "idh", "codel_1p19q", "egfr", "atrx", "tp53", "cdkn2ab", "tert")
+CONTINUOUS_ENDPOINTS = ("ki67", "tp53_ihc")
+ENDPOINTS = BINARY_ENDPOINTS + CONTINUOUS_ENDPOINTS
+SSL_METHODS = ("byol", "dino", "mae", "moco")
+OBJECTIVES = ("erm", "dro", "reweighted")
+PROTOCOLS = ("pooled", "loso")
+
+
+class _Invalid(ValueError):
+    """Raised by ``_check`` methods with the offending key; the loader adds file and section."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise _Invalid(key, message)
+
+
+def _subset(values: tuple, valid: tuple, key: str) -> None:
+    bad = [v for v in values if v not in valid]
+    _require(not bad, key, f"unknown value(s) {bad}; valid: {list(valid)}")
+    _require(len(values) > 0, key, "must not be empty")
+
+
+@dataclass(frozen=True)
+class CohortConfig:
+    """Which data to use: an imported manifest, or the embedded synthetic cohort."""
+
+    manifest: str = ""  # path to a canonical manifest; empty = the synthetic cohort below
+    synth_profile: str = "default"  # smoke | default | large
+    synth_sites: str = ""  # site spec for `nrfm synth --sites`; empty = the profile's sites
+    data_dir: str = "data"  # synthetic cohorts are generated (once per profile and seed) under here
+    split_endpoint: str = "idh"  # splits are stratified by site and this endpoint
+    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train, val, test (by patient)
+
+    def _check(self) -> None:
+        _require(self.synth_profile in ("smoke", "default", "large"), "synth_profile",
+                 f"unknown profile {self.synth_profile!r}; valid: ['smoke', 'default', 'large']")
+        _require(self.split_endpoint in BINARY_ENDPOINTS, "split_endpoint",
+                 f"unknown endpoint {self.split_endpoint!r}; valid: {list(BINARY_ENDPOINTS)}")
+        _require(all(f > 0 for f in self.split_fractions), "split_fractions", "each fraction must be > 0")
+        _require(abs(sum(self.split_fractions) - 1.0) < 1e-6, "split_fractions",
+                 f"must sum to 1, got {sum(self.split_fractions):.3f}")
+
+
+@dataclass(frozen=True)
+class PreprocessingConfig:
+    """MONAI preprocessing shared by every cohort: RAS, resample, z-score in brain, tumour-centred crop."""
+
+    spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
+    crop_size: tuple[int, int, int] = (32, 32, 32)
+    cache_dir: str = ".cache/nrfm"  # preprocessed volumes, keyed by file content and these settings
+
+    def _check(self) -> None:
+        _require(all(0.2 <= s <= 10 for s in self.spacing_mm), "spacing_mm", "each spacing must be in [0.2, 10] mm")
+        _require(all(8 <= c <= 512 for c in self.crop_size), "crop_size", "each crop side must be in [8, 512]")
+
+
+@dataclass(frozen=True)
+class PretrainingConfig:
+    """Self-supervised pretraining (one loop for BYOL, DINO, MAE, MoCo)."""
+
+    methods: tuple[str, ...] = SSL_METHODS
+    cnn_arch: str = "resnet10"  # resnet10 | resnet18, used by byol, dino, moco
+    cnn_width: int = 32  # channels of the first ResNet stage (MONAI's default is 64)
+    vit_patch_size: int = 8  # MAE ViT: cubic patch side in voxels
+    vit_hidden_size: int = 192
+    vit_layers: int = 4
+    vit_heads: int = 4
+    mask_ratio: float = 0.75
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: int = 2
+    grad_clip: float = 3.0
+    view_size: tuple[int, int, int] = (24, 24, 24)  # global crops (voxels)
+    local_view_size: tuple[int, int, int] = (16, 16, 16)  # DINO local crops
+    n_local_views: int = 2
+    bf16: bool = True  # bf16 autocast (CPU with AMX/AVX-512, CUDA)
+    channels_last: bool = True  # channels_last_3d memory format
+    num_workers: int = 1  # DataLoader workers producing views
+    threads: int = 0  # torch intra-op threads; 0 = all cores not used by loader workers
+    monitor_endpoint: str = "idh"  # representation monitor: kNN accuracy on this marker and on site
+
+    def _check(self) -> None:
+        _subset(self.methods, SSL_METHODS, "methods")
+        _require(self.cnn_arch in ("resnet10", "resnet18"), "cnn_arch",
+                 f"unknown architecture {self.cnn_arch!r}; valid: ['resnet10', 'resnet18']")
+        _require(self.cnn_width >= 4, "cnn_width", f"must be >= 4, got {self.cnn_width}")
+        _require(0.0 < self.mask_ratio < 1.0, "mask_ratio", f"must be in (0, 1), got {self.mask_ratio}")
+        _require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        _require(self.batch_size >= 2, "batch_size", f"must be >= 2, got {self.batch_size}")
+        _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0, "warmup_epochs",
+                 f"must be in [0, epochs), got {self.warmup_epochs}")
+        _require(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
+        _require(all(s >= 8 for s in self.view_size), "view_size", "each side must be >= 8")
+        _require(all(s >= 8 for s in self.local_view_size), "local_view_size", "each side must be >= 8")
+        _require(self.n_local_views >= 0, "n_local_views", "must be >= 0")
+        _require(self.num_workers >= 0, "num_workers", "must be >= 0")
+        _require(self.threads >= 0, "threads", "must be >= 0")
+        _require(self.monitor_endpoint in BINARY_ENDPOINTS, "monitor_endpoint",
+                 f"unknown endpoint {self.monitor_endpoint!r}; valid: {list(BINARY_ENDPOINTS)}")
+        for side in self.view_size:
+            _require(side % self.vit_patch_size == 0 or "mae" not in self.methods, "view_size",
+                     f"each side must be a multiple of vit_patch_size={self.vit_patch_size} for mae")
+
+
+@dataclass(frozen=True)
+class FinetuningConfig:
+    """Supervised fine-tuning on the ten endpoints with ERM, reweighted ERM or group DRO."""
+
+    objectives: tuple[str, ...] = ("erm", "dro")
+    protocols: tuple[str, ...] = ("pooled", "loso")
+    endpoints: tuple[str, ...] = ENDPOINTS
+    mode: str = "full"  # full = backbone and heads; linear = frozen backbone, heads only
+    epochs: int = 15
+    batch_size: int = 16
+    lr: float = 1e-3
+    backbone_lr_scale: float = 0.1  # backbone learning rate = lr * this (full mode)
+    weight_decay: float = 1e-4
+    dro_groups: str = "site_class"  # site_class | site | class
+    dro_eta: float = 0.01  # step size of the exponentiated-gradient update of the group weights
+    dro_adjustment: float = 0.0  # C in the generalization adjustment C / sqrt(n_g); 0 = off
+    ki67_threshold: float = 10.0  # percent; Ki-67 is also reported binarized as >= this
+    tp53_ihc_threshold: float = 10.0  # percent of p53-positive nuclei; binarized as >= this
+    bf16: bool = True
+    channels_last: bool = True
+
+    def _check(self) -> None:
+        _subset(self.objectives, OBJECTIVES, "objectives")
+        _subset(self.protocols, PROTOCOLS, "protocols")
+        _subset(self.endpoints, ENDPOINTS, "endpoints")
+        _require(self.mode in ("full", "linear"), "mode", f"unknown mode {self.mode!r}; valid: ['full', 'linear']")
+        _require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        _require(self.batch_size >= 2, "batch_size", f"must be >= 2, got {self.batch_size}")
+        _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _require(self.backbone_lr_scale >= 0, "backbone_lr_scale", "must be >= 0")
+        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _require(self.dro_groups in ("site_class", "site", "class"), "dro_groups",
+                 f"unknown grouping {self.dro_groups!r}; valid: ['site_class', 'site', 'class']")
+        _require(self.dro_eta > 0, "dro_eta", f"must be > 0, got {self.dro_eta}")
+        _require(self.dro_adjustment >= 0, "dro_adjustment", f"must be >= 0, got {self.dro_adjustment}")
+        _require(0 < self.ki67_threshold < 100, "ki67_threshold", "must be in (0, 100) percent")
+        _require(0 < self.tp53_ihc_threshold < 100, "tp53_ihc_threshold", "must be in (0, 100) percent")
+
+
+@dataclass(frozen=True)
+class AnalysesConfig:
+    """Evaluation: bootstrap, site invariance, survival and Grad-CAM settings."""
+
+    bootstrap: int = 1000  # resamples for 95% CIs
+    embedding_pca_components: int = 10  # leading PCs for the PCA-silhouette
+    umap: bool = True
+    tsne: bool = False
+    survival_pca_components: int = 5
+    survival_use_age: bool = True
+    survival_penalizers: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)  # chosen on validation
+    survival_min_events: int = 5  # fewer events at a site: no c-index, said in the table
+    gradcam_endpoint: str = "idh"
+    gradcam_subjects_per_site: int = 3
+    peritumoral_margin_mm: float = 10.0
+
+    def _check(self) -> None:
+        _require(self.bootstrap >= 10, "bootstrap", f"must be >= 10, got {self.bootstrap}")
+        _require(self.embedding_pca_components >= 2, "embedding_pca_components", "must be >= 2")
+        _require(self.survival_pca_components >= 1, "survival_pca_components", "must be >= 1")
+        _require(len(self.survival_penalizers) > 0 and all(p >= 0 for p in self.survival_penalizers),
+                 "survival_penalizers", "must be a non-empty list of values >= 0")
+        _require(self.survival_min_events >= 2, "survival_min_events", "must be >= 2")
+        _require(self.gradcam_endpoint in ENDPOINTS, "gradcam_endpoint",
+                 f"unknown endpoint {self.gradcam_endpoint!r}; valid: {list(ENDPOINTS)}")
+        _require(self.gradcam_subjects_per_site >= 1, "gradcam_subjects_per_site", "must be >= 1")
+        _require(self.peritumoral_margin_mm > 0, "peritumoral_margin_mm", "must be > 0")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """The run report."""
+
+    title: str = "NeuroRAD-FM reproduction"
+    notebooks: tuple[str, ...] = ()  # empty = every notebook in notebooks/, in order
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run. ``source`` is the file it came from (for messages), not part of the hash."""
+
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    cohort: CohortConfig = field(default_factory=CohortConfig)
+    preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
+    pretraining: PretrainingConfig = field(default_factory=PretrainingConfig)
+    finetuning: FinetuningConfig = field(default_factory=FinetuningConfig)
+    analyses: AnalysesConfig = field(default_factory=AnalysesConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    source: str = field(default="<defaults>", compare=False)
+
+    def _check(self) -> None:
+        _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        _require(self.device in ("auto", "cpu", "cuda"), "device",
+                 f"unknown device {self.device!r}; valid: ['auto', 'cpu', 'cuda']")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
+
+    def sha256(self) -> str:
+        """Hash of the resolved settings (not of the file's formatting or location)."""
+        return hashlib.sha256(json.dumps(_plain(self.to_dict()), sort_keys=True).encode()).hexdigest()
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in the dataclass's own types."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise _Invalid(key, f"expected a list, got {type(value).__name__} {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise _Invalid(key, f"expected a list of {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except _Invalid:
+                continue
+        raise _Invalid(key, f"wrong type {type(value).__name__} {value!r}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _Invalid(key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(key, f"expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Invalid(key, f"expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _Invalid(key, f"expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise _Invalid(key, f"unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise _Invalid(prefix.rstrip(".") or "<top>", f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise _Invalid(f"{prefix}{unknown[0]}", f"unknown key; valid keys here: {names}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name] if data[name] is not None else {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(data[name], tp, f"{prefix}{name}")
+    obj = cls(**kwargs)
+    try:
+        obj._check()
+    except _Invalid as err:
+        raise _Invalid(f"{prefix}{err.key}", err.message) from None
+    return obj
+
+
+def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
+    """Build and validate a :class:`Config` from a nested mapping (as read from YAML)."""
+    try:
+        cfg = _build(Config, data or {}, "")
+    except _Invalid as err:
+        raise ConfigError(f"{source}: {err.key}: {err.message}") from None
+    return dataclasses.replace(cfg, source=source)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Load a YAML config, apply dotted ``overrides`` (e.g. ``{"pretraining.epochs": 2}``), validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    return config_from_dict(data, source=str(path))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key=value`` from the command line; the value is read as YAML (``2``, ``true``, ``[a, b]``)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value

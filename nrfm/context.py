@@ -1,0 +1,206 @@
+"""The run context every notebook opens first: config, run folder, cohort with splits, data, outputs.
+
+``open_run(config, run_dir)`` is idempotent: the first stage of a run makes the cohort (generating the
+synthetic default when no manifest is configured), assigns splits by patient and freezes them in
+``<run_dir>/data/manifest.csv``; every later stage reads that copy, so all stages of a run see the same
+subjects in the same splits. Stages write through the context (``write_metrics``, ``save_figure``) so the
+layout of a run folder is decided in one place.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from nrfm.config import Config, load_config
+from nrfm.errors import ConfigError, RunError
+from nrfm.files import atomic_write_csv, atomic_write_text
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_path(path: str | Path, base: Path | None = None) -> Path:
+    """An existing relative path is taken from the working directory, else from ``base`` (the repo root)."""
+    path = Path(path).expanduser()
+    if path.is_absolute():
+        return path
+    if path.exists() or base is None:
+        return path.resolve()
+    candidate = (base / path).resolve()
+    return candidate if candidate.exists() else path.resolve()
+
+
+def new_run_dir(out_root: str | Path, label: str) -> Path:
+    """Create a fresh, unique run folder ``<out_root>/<UTC time>-<label>`` (never reuses one)."""
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1000):
+        name = f"{stamp}-{label}" + (f"-{attempt}" if attempt else "")
+        try:
+            (out_root / name).mkdir()
+            return out_root / name
+        except FileExistsError:
+            continue
+    raise RunError(f"{out_root}: could not create a unique run folder")
+
+
+@dataclass
+class RunContext:
+    """Everything a stage needs; see :func:`open_run`."""
+
+    config: Config
+    run_dir: Path
+    manifest: pd.DataFrame  # canonical columns, absolute paths, split assigned
+    cohort_dir: Path  # folder of the source manifest (oracle.csv lives here for synthetic cohorts)
+    _dataset: Any = field(default=None, repr=False)
+
+    # ---- layout -------------------------------------------------------------------------------------------
+    @property
+    def metrics_dir(self) -> Path:
+        return self._dir("metrics")
+
+    @property
+    def figures_dir(self) -> Path:
+        return self._dir("figures")
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self._dir("checkpoints")
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Predictions, embeddings and other per-stage outputs read by later stages."""
+        return self._dir("artifacts")
+
+    def _dir(self, name: str) -> Path:
+        path = self.run_dir / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # ---- data ---------------------------------------------------------------------------------------------
+    @property
+    def is_synthetic(self) -> bool:
+        return (self.cohort_dir / "oracle.csv").is_file()
+
+    @property
+    def oracle(self) -> pd.DataFrame | None:
+        """Long table subject_id, endpoint, value (true probability or value) for synthetic cohorts."""
+        path = self.cohort_dir / "oracle.csv"
+        return pd.read_csv(path, dtype={"subject_id": str}) if path.is_file() else None
+
+    @property
+    def sites(self) -> list[str]:
+        return sorted(self.manifest["site"].unique())
+
+    def dataset(self, progress: bool = True):
+        """Preprocessed volumes of every manifest row, in manifest order (built once, cached on disk)."""
+        if self._dataset is None:
+            from nrfm.transforms import preprocessed_dataset
+
+            self._dataset = preprocessed_dataset(self.manifest, self.config.preprocessing, progress=progress)
+        return self._dataset
+
+    @property
+    def device(self):
+        import torch
+
+        if self.config.device == "cuda" or (self.config.device == "auto" and torch.cuda.is_available()):
+            if not torch.cuda.is_available():
+                raise ConfigError(f"{self.config.source}: device: cuda requested but no CUDA device is available")
+            return torch.device("cuda")
+        return torch.device("cpu")
+
+    # ---- outputs ------------------------------------------------------------------------------------------
+    def write_metrics(self, name: str, frame: pd.DataFrame, key_columns: Sequence[str]) -> Path:
+        """Merge ``frame`` into ``metrics/<name>.csv``: rows with the same key values are replaced.
+
+        Stages can be rerun one backbone at a time without losing the others' rows.
+        """
+        path = self.metrics_dir / f"{name}.csv"
+        if path.is_file() and path.stat().st_size > 0:
+            old = pd.read_csv(path, dtype=str, keep_default_na=False)
+            new_keys = set(map(tuple, frame[list(key_columns)].astype(str).values))
+            keep = [tuple(r) not in new_keys for r in old[list(key_columns)].values]
+            frame = pd.concat([old[keep], frame.astype(object)], ignore_index=True)
+            # re-infer numeric columns after concatenating the string-typed old rows
+            frame = frame.apply(lambda col: pd.to_numeric(col, errors="ignore") if col.dtype == object else col)
+        frame = frame.sort_values(list(key_columns), kind="stable").reset_index(drop=True)
+        return atomic_write_csv(path, frame)
+
+    def read_metrics(self, name: str) -> pd.DataFrame | None:
+        path = self.metrics_dir / f"{name}.csv"
+        return pd.read_csv(path) if path.is_file() else None
+
+    def save_figure(self, fig, name: str, formats: Sequence[str] = ("png",)) -> Path:
+        """Save a matplotlib figure under figures/ with a stable name (``name`` without extension)."""
+        first = None
+        for fmt in formats:
+            path = self.figures_dir / f"{name}.{fmt}"
+            tmp = path.with_name(f".{path.name}.tmp")
+            fig.savefig(tmp, format=fmt, dpi=110, bbox_inches="tight")
+            os.replace(tmp, path)
+            first = first or path
+        return first
+
+
+def cohort_manifest_path(cfg: Config) -> Path:
+    """Where the configured cohort's manifest is (the synthetic default is generated on demand)."""
+    if cfg.cohort.manifest:
+        return resolve_path(cfg.cohort.manifest, REPO_ROOT)
+    name = f"synthetic-{cfg.cohort.synth_profile}-seed{cfg.seed}"
+    if cfg.cohort.synth_sites:
+        import hashlib
+
+        name += "-" + hashlib.sha256(cfg.cohort.synth_sites.encode()).hexdigest()[:8]
+    return resolve_path(cfg.cohort.data_dir, REPO_ROOT) / name / "manifest.csv"
+
+
+def ensure_cohort(cfg: Config, progress: bool = True) -> Path:
+    """Return the manifest path, generating the synthetic cohort first if it does not exist yet."""
+    path = cohort_manifest_path(cfg)
+    if cfg.cohort.manifest:
+        if not path.is_file():
+            raise ConfigError(f"{cfg.source}: cohort.manifest: file not found: {path}")
+        return path
+    if not path.is_file():
+        from nrfm.synth import generate_cohort
+
+        generate_cohort(path.parent, profile=cfg.cohort.synth_profile, seed=cfg.seed,
+                        sites=cfg.cohort.synth_sites or None, progress=progress)
+    return path
+
+
+def open_run(config: str | Path | Config, run_dir: str | Path | None = None, progress: bool = True) -> RunContext:
+    """Open (or start) a run: load the config, make sure the cohort exists, freeze the splits.
+
+    Args:
+        config: a YAML path (relative paths are also looked up from the repository root) or a Config.
+        run_dir: the run folder; empty or None starts a new one under ``reports/`` (for notebooks run alone).
+        progress: show progress bars.
+    """
+    from nrfm.manifest import assign_splits, check_no_patient_leak, read_manifest
+
+    cfg = config if isinstance(config, Config) else load_config(resolve_path(config, REPO_ROOT))
+    if run_dir in (None, ""):
+        run_dir = new_run_dir(REPO_ROOT / "reports", "notebook")
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    source = ensure_cohort(cfg, progress=progress)
+    frozen = run_dir / "data" / "manifest.csv"
+    if frozen.is_file():
+        manifest = read_manifest(frozen)
+    else:
+        manifest = read_manifest(source)
+        manifest = assign_splits(manifest, seed=cfg.seed, endpoint=cfg.cohort.split_endpoint,
+                                 fractions=cfg.cohort.split_fractions)
+        check_no_patient_leak(manifest, where=str(source))
+        frozen.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_csv(frozen, manifest)
+        atomic_write_text(run_dir / "data" / "SOURCE", f"{source}\n")
+    check_no_patient_leak(manifest, where=str(frozen))
+    return RunContext(config=cfg, run_dir=run_dir, manifest=manifest, cohort_dir=source.parent)
