@@ -61,6 +61,7 @@ class CohortConfig:
     manifest: str = ""  # path to a canonical manifest; empty = the synthetic cohort below
     synth_profile: str = "default"  # smoke | default | large
     synth_sites: str = ""  # site spec for `nrfm synth --sites`; empty = the profile's sites
+    synth_seed: int = 0  # seed of the synthetic cohort (the run's `seed` drives splits and training)
     data_dir: str = "data"  # synthetic cohorts are generated (once per profile and seed) under here
     split_endpoint: str = "idh"  # splits are stratified by site and this endpoint
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train, val, test (by patient)
@@ -68,6 +69,7 @@ class CohortConfig:
     def _check(self) -> None:
         _require(self.synth_profile in ("smoke", "default", "large"), "synth_profile",
                  f"unknown profile {self.synth_profile!r}; valid: ['smoke', 'default', 'large']")
+        _require(self.synth_seed >= 0, "synth_seed", f"must be >= 0, got {self.synth_seed}")
         _require(self.split_endpoint in BINARY_ENDPOINTS, "split_endpoint",
                  f"unknown endpoint {self.split_endpoint!r}; valid: {list(BINARY_ENDPOINTS)}")
         _require(all(f > 0 for f in self.split_fractions), "split_fractions", "each fraction must be > 0")
@@ -214,6 +216,9 @@ class ReportConfig:
 
     title: str = "NeuroRAD-FM reproduction"
     notebooks: tuple[str, ...] = ()  # empty = every notebook in notebooks/, in order
+
+    def _check(self) -> None:
+        _require(bool(self.title.strip()), "title", "must not be empty")
 
 
 @dataclass(frozen=True)

@@ -152,7 +152,7 @@ def cohort_manifest_path(cfg: Config) -> Path:
     """Where the configured cohort's manifest is (the synthetic default is generated on demand)."""
     if cfg.cohort.manifest:
         return resolve_path(cfg.cohort.manifest, REPO_ROOT)
-    name = f"synthetic-{cfg.cohort.synth_profile}-seed{cfg.seed}"
+    name = f"synthetic-{cfg.cohort.synth_profile}-seed{cfg.cohort.synth_seed}"
     if cfg.cohort.synth_sites:
         import hashlib
 
@@ -170,7 +170,7 @@ def ensure_cohort(cfg: Config, progress: bool = True) -> Path:
     if not path.is_file():
         from nrfm.synth import generate_cohort
 
-        generate_cohort(path.parent, profile=cfg.cohort.synth_profile, seed=cfg.seed,
+        generate_cohort(path.parent, profile=cfg.cohort.synth_profile, seed=cfg.cohort.synth_seed,
                         sites=cfg.cohort.synth_sites or None, progress=progress)
     return path
 
