@@ -124,3 +124,16 @@ class RunRecord:
         self.data["error"] = error
         self.data["finished"] = now_iso()
         self.save()
+
+
+def describe_context(ctx) -> str:
+    """The provenance line each notebook prints first: code, config, seed, device, data, run folder."""
+    from nrfm import __version__
+    from nrfm.context import REPO_ROOT
+
+    git = git_state(REPO_ROOT)
+    commit = (git["commit"] or "n/a")[:12] + (" (dirty)" if git["dirty"] else "")
+    sites = ", ".join(f"{s} {n}" for s, n in ctx.manifest["site"].value_counts().sort_index().items())
+    return (f"nrfm {__version__} · git {commit} · config {ctx.config.source} (sha256 {ctx.config.sha256()[:12]})"
+            f" · seed {ctx.config.seed} · device {ctx.device}\n"
+            f"cohort {ctx.cohort_dir} ({len(ctx.manifest)} exams: {sites})\nrun folder {ctx.run_dir}")

@@ -1,0 +1,208 @@
+"""The run's verdict: measured ERM-versus-DRO differences beside the paper's published numbers.
+
+The paper's numbers (Bhattacharya et al., arXiv 2509.15416) are quoted in :data:`PAPER_CLAIMS`; they are
+never used in a computation except as the effect size a verdict is tested against. Every verdict is computed
+from this run's predictions and metrics with a paired bootstrap over test subjects (the same resampled
+subjects for ERM and DRO):
+
+* ``reproduced``: the 95% CI of DRO minus ERM lies above zero (or, for a direction claim, on the paper's side);
+* ``not reproduced``: the CI excludes the paper's effect size, i.e. its upper bound is below the paper's gain
+  (this includes a CI entirely below zero);
+* ``inconclusive``: the CI contains both zero and the paper's gain: this sample size cannot tell.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+from nrfm.config import BINARY_ENDPOINTS
+
+
+@dataclass(frozen=True)
+class PaperClaim:
+    key: str
+    text: str
+    metric: str  # bacc | auc | c_index | silhouette | cam
+    endpoints: tuple[str, ...]
+    site: str  # "rare" = the smallest test site (the paper's CUIMC), or a site name
+    erm: float | None
+    dro: float | None
+
+
+PAPER_CLAIMS = (
+    PaperClaim("bacc_rare_site", "DRO raises mean balanced accuracy at the third (smallest) site", "bacc",
+               BINARY_ENDPOINTS, "rare", 0.744, 0.785),
+    PaperClaim("auc_rare_site", "DRO raises mean AUC at the third (smallest) site", "auc",
+               BINARY_ENDPOINTS, "rare", 0.656, 0.676),
+    PaperClaim("auc_cdkn2ab", "DRO raises CDKN2A/2B AUC", "auc", ("cdkn2ab",), "rare", 0.73, 0.92),
+    PaperClaim("auc_atrx", "DRO raises ATRX AUC", "auc", ("atrx",), "rare", 0.69, 0.82),
+    PaperClaim("acc_ki67", "DRO raises Ki-67 (binarized) accuracy", "bacc", ("ki67",), "rare", 0.60, 0.69),
+)
+PAPER_CINDEX = {"CUIMC": (0.592, 0.597), "UPenn": (0.647, 0.672), "UCSF": (0.600, 0.627)}
+
+
+def verdict(low: float, high: float, paper_gain: float | None) -> str:
+    """Classify a DRO-minus-ERM CI against zero and the paper's gain (see module docstring)."""
+    if not np.isfinite(low) or not np.isfinite(high):
+        return "inconclusive"
+    if low > 0:
+        return "reproduced"
+    if paper_gain is not None and high < paper_gain:
+        return "not reproduced"
+    return "inconclusive"
+
+
+def read_predictions(run_dir: Path, method: str, objective: str, protocol: str = "pooled") -> pd.DataFrame | None:
+    path = Path(run_dir) / "artifacts" / f"predictions_{method}_{objective}_{protocol}.csv"
+    if not path.is_file():
+        return None
+    return pd.read_csv(path, dtype={"subject_id": str, "patient_id": str, "site": str})
+
+
+def rare_site(predictions: pd.DataFrame) -> str:
+    """The site with the fewest test subjects (the role CUIMC plays in the paper)."""
+    test = predictions[predictions["split"] == "test"]
+    return test.groupby("site")["subject_id"].nunique().sort_values(kind="stable").index[0]
+
+
+def _endpoint_metric(metric: str, y: np.ndarray, score: np.ndarray, threshold: float) -> float:
+    if len(np.unique(y)) < 2:
+        return np.nan
+    if metric == "auc":
+        return roc_auc_score(y, score)
+    return balanced_accuracy_score(y, score >= threshold)
+
+
+def _binarize(frame: pd.DataFrame, thresholds: dict[str, float]) -> pd.DataFrame:
+    """Continuous endpoints enter binary claims as y >= documented threshold (the score is the prediction)."""
+    frame = frame.copy()
+    for endpoint, cut in thresholds.items():
+        rows = frame["endpoint"] == endpoint
+        frame.loc[rows, "y_true"] = (frame.loc[rows, "y_true"] >= cut).astype(float)
+    return frame
+
+
+def _wide(frame: pd.DataFrame, endpoints: tuple[str, ...]) -> tuple[list[str], dict]:
+    frame = frame[frame["endpoint"].isin(endpoints)].dropna(subset=["y_true"])
+    subjects = sorted(frame["subject_id"].unique())
+    per_endpoint = {}
+    for endpoint, part in frame.groupby("endpoint"):
+        part = part.set_index("subject_id")
+        per_endpoint[endpoint] = (part["y_true"].to_dict(), part["y_score"].to_dict(), float(part["threshold"].iloc[0]))
+    return subjects, per_endpoint
+
+
+def _mean_metric(metric: str, subjects: list[str], wide: dict) -> float:
+    values = []
+    for y_map, s_map, threshold in wide.values():
+        chosen = [s for s in subjects if s in y_map]
+        if len(chosen) < 2:
+            continue
+        y = np.array([y_map[s] for s in chosen])
+        s = np.array([s_map[s] for s in chosen])
+        values.append(_endpoint_metric(metric, y, s, threshold))
+    values = [v for v in values if np.isfinite(v)]
+    return float(np.mean(values)) if values else np.nan
+
+
+def paired_bootstrap(erm: pd.DataFrame, dro: pd.DataFrame, metric: str, endpoints: tuple[str, ...],
+                     n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Mean-over-endpoints metric for ERM and DRO on the same test subjects, and the CI of their difference.
+
+    Both frames are test predictions of one site (long format). Subjects are resampled with replacement;
+    endpoints with a single class in a resample are left out of that resample's mean.
+    """
+    subjects, erm_wide = _wide(erm, endpoints)
+    _, dro_wide = _wide(dro, endpoints)
+    point_erm, point_dro = _mean_metric(metric, subjects, erm_wide), _mean_metric(metric, subjects, dro_wide)
+    rng = np.random.default_rng(seed)
+    deltas = []
+    for _ in range(n_boot):
+        sample = list(rng.choice(subjects, size=len(subjects), replace=True)) if subjects else []
+        deltas.append(_mean_metric(metric, sample, dro_wide) - _mean_metric(metric, sample, erm_wide))
+    deltas = np.array([d for d in deltas if np.isfinite(d)])
+    low, high = (np.percentile(deltas, [2.5, 97.5]) if len(deltas) >= 10 else (np.nan, np.nan))
+    return {"erm": point_erm, "dro": point_dro, "delta": point_dro - point_erm, "ci_low": float(low),
+            "ci_high": float(high), "n": len(subjects), "evaluable_endpoints": len(erm_wide)}
+
+
+def oracle_mean_auc(oracle: pd.DataFrame | None, test: pd.DataFrame, endpoints: tuple[str, ...]) -> float:
+    """The Bayes-limit AUC (mean over endpoints) on the same test subjects, from the synthetic oracle."""
+    if oracle is None:
+        return np.nan
+    values = []
+    for endpoint in endpoints:
+        part = test[test["endpoint"] == endpoint].dropna(subset=["y_true"])
+        truth = oracle[oracle["endpoint"] == endpoint].set_index("subject_id")["value"]
+        part = part[part["subject_id"].isin(truth.index)]
+        if part["y_true"].nunique() == 2:
+            values.append(roc_auc_score(part["y_true"], truth.loc[part["subject_id"]].to_numpy()))
+    return float(np.mean(values)) if values else np.nan
+
+
+def molecular_verdicts(run_dir: Path, methods: list[str], thresholds: dict[str, float], n_boot: int,
+                       oracle: pd.DataFrame | None = None, seed: int = 0) -> pd.DataFrame:
+    """One row per paper claim and backbone (pooled protocol, test split), with a computed verdict."""
+    rows = []
+    for method in methods:
+        erm, dro = read_predictions(run_dir, method, "erm"), read_predictions(run_dir, method, "dro")
+        if erm is None or dro is None:
+            continue
+        erm = _binarize(erm[erm["split"] == "test"], thresholds)
+        dro = _binarize(dro[dro["split"] == "test"], thresholds)
+        site = rare_site(erm)
+        for claim in PAPER_CLAIMS:
+            where = site if claim.site == "rare" else claim.site
+            result = paired_bootstrap(erm[erm["site"] == where], dro[dro["site"] == where], claim.metric,
+                                      claim.endpoints, n_boot=n_boot, seed=seed)
+            note = ""
+            if not np.isfinite(result["delta"]):
+                # a rare marker may have one class only at the smallest site: fall back to all sites, say so
+                where = "all"
+                result = paired_bootstrap(erm, dro, claim.metric, claim.endpoints, n_boot=n_boot, seed=seed)
+                note = "single class at the smallest site; evaluated on all sites"
+            gain = (claim.dro - claim.erm) if claim.erm is not None else None
+            oracle_auc = (oracle_mean_auc(oracle, erm if where == "all" else erm[erm["site"] == where],
+                                          claim.endpoints) if claim.metric == "auc" else np.nan)
+            rows.append({"claim": claim.text, "backbone": method, "site": where, "metric": claim.metric,
+                         "paper_erm": claim.erm, "paper_dro": claim.dro, "paper_delta": gain,
+                         "erm": result["erm"], "dro": result["dro"], "delta": result["delta"],
+                         "ci_low": result["ci_low"], "ci_high": result["ci_high"], "oracle": oracle_auc,
+                         "n_test": result["n"], "verdict": verdict(result["ci_low"], result["ci_high"], gain),
+                         "note": note})
+    return pd.DataFrame(rows)
+
+
+def direction_verdicts(table: pd.DataFrame | None, value: str, low: str, high: str, group: str,
+                       better: Callable[[float, float], bool], claim: str) -> pd.DataFrame:
+    """Verdicts for claims stated as a direction (e.g. lower silhouette with DRO) from per-objective CIs.
+
+    Reproduced when DRO's CI lies entirely on the better side of ERM's point value; not reproduced when it
+    lies entirely on the worse side; inconclusive otherwise.
+    """
+    rows = []
+    if table is None or table.empty:
+        return pd.DataFrame(rows)
+    for key, part in table.groupby(group):
+        by = part.set_index("stage" if "stage" in part else "objective")
+        if "erm" not in by.index or "dro" not in by.index:
+            continue
+        erm, dro = by.loc["erm"], by.loc["dro"]
+        if not np.isfinite(dro[value]) or not np.isfinite(erm[value]):
+            result = "inconclusive"
+        elif better(dro[high], erm[value]) and better(dro[low], erm[value]):
+            result = "reproduced"
+        elif not better(dro[high], erm[value]) and not better(dro[low], erm[value]):
+            result = "not reproduced"
+        else:
+            result = "inconclusive"
+        rows.append({"claim": claim, "backbone": key, "site": "all", "metric": value, "erm": erm[value],
+                     "dro": dro[value], "delta": dro[value] - erm[value], "ci_low": dro[low] - erm[value],
+                     "ci_high": dro[high] - erm[value], "verdict": result,
+                     "note": "CI of the DRO value minus the ERM point value"})
+    return pd.DataFrame(rows)
