@@ -69,14 +69,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = dict(parse_override(item) for item in (args.set or []))
     if args.seed is not None:
         overrides["seed"] = args.seed
+    notebook_dir = Path(args.notebooks)
     if args.resume:
         outcome = resume_run(args.resume, out=args.out, progress=not args.quiet)
     elif args.sweep:
         outcome = sweep_run(args.config, args.sweep, out=args.out, manifest=args.manifest, only=only,
-                            overrides=overrides, progress=not args.quiet)
+                            overrides=overrides, progress=not args.quiet, notebook_dir=notebook_dir)
     else:
         outcome = start_run(args.config, out=args.out, manifest=args.manifest, only=only, overrides=overrides,
-                            progress=not args.quiet)
+                            progress=not args.quiet, notebook_dir=notebook_dir)
     print(f"report: {outcome.report.resolve()}")
     return 0
 
@@ -147,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_nonnegative_int, help="override the config's seed")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. --set pretraining.epochs=2 (repeatable)")
+    p.add_argument("--notebooks", default=str(Path(__file__).resolve().parent.parent / "notebooks"),
+                   help="folder of ordered notebooks (00_*.ipynb, 01_*.ipynb, ...); default: the kit's notebooks/")
     p.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run after its last completed notebook")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)

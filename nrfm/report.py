@@ -205,7 +205,7 @@ def render_index(reports_root: Path) -> Path:
     return atomic_write_text(reports_root / "index.html", page)
 
 
-def render_sweep_report(sweep_dir: Path, config_path: Path) -> Path:
+def render_sweep_report(sweep_dir: Path, config_path: Path, notebook_dir: Path | None = None) -> Path:
     """Run the summary notebook over the sweep's child runs (mean and spread) and render its page."""
     import papermill as pm
 
@@ -217,8 +217,13 @@ def render_sweep_report(sweep_dir: Path, config_path: Path) -> Path:
 
     cfg = load_config(config_path)
     record = RunRecord.start(sweep_dir, cfg, config_path, REPO_ROOT,
-                             extra={"notebooks": ["06_summary.ipynb"], "sweep_runs": children})
-    summary = REPO_ROOT / "notebooks" / "06_summary.ipynb"
+                             extra={"notebooks": [p.name for p in Path(notebook_dir or REPO_ROOT / "notebooks").glob("*_summary.ipynb")],
+                                    "sweep_runs": children})
+    candidates = sorted(Path(notebook_dir or REPO_ROOT / "notebooks").glob("*_summary.ipynb"))
+    if not candidates:
+        record.finish("complete")
+        return render_run_report(sweep_dir)
+    summary = candidates[-1]
     out = sweep_dir / "notebooks" / summary.name
     out.parent.mkdir(parents=True, exist_ok=True)
     started = now_iso()

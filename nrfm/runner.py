@@ -44,11 +44,12 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def list_notebooks(only: Sequence[str] | None = None, configured: Sequence[str] = ()) -> list[Path]:
+def list_notebooks(only: Sequence[str] | None = None, configured: Sequence[str] = (),
+                   notebook_dir: Path = NOTEBOOK_DIR) -> list[Path]:
     """The ordered notebooks to run; ``only`` picks by name or numeric prefix (``02`` or ``02_finetune_dro``)."""
-    available = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+    available = sorted(Path(notebook_dir).glob("[0-9][0-9]_*.ipynb"))
     if not available:
-        raise RunError(f"{NOTEBOOK_DIR}: no notebooks found")
+        raise RunError(f"{notebook_dir}: no notebooks found (expected files named like 00_name.ipynb)")
     wanted = list(only or configured or [])
     if not wanted:
         return available
@@ -133,7 +134,7 @@ def execute_run(run_dir: Path, record: RunRecord, config_file: Path, notebooks: 
 
 def start_run(config_path: str | Path, out: str | Path = "reports", manifest: str | Path | None = None,
               only: Sequence[str] | None = None, overrides: Mapping[str, Any] | None = None,
-              label: str | None = None, progress: bool = True) -> RunOutcome:
+              label: str | None = None, progress: bool = True, notebook_dir: Path = NOTEBOOK_DIR) -> RunOutcome:
     """Start a new run of the pipeline (see module docstring)."""
     config_path = resolve_path(config_path, REPO_ROOT)
     overrides = dict(overrides or {})
@@ -143,13 +144,14 @@ def start_run(config_path: str | Path, out: str | Path = "reports", manifest: st
             raise ConfigError(f"--manifest: file not found: {manifest}")
         overrides["cohort.manifest"] = str(manifest_path)
     cfg = resolve_config_paths(load_config(config_path, overrides))
-    notebooks = list_notebooks(only, cfg.report.notebooks)
+    notebooks = list_notebooks(only, cfg.report.notebooks, notebook_dir)
     run_dir = new_run_dir(Path(out), label or f"{config_path.stem}-seed{cfg.seed}")
     config_file = run_dir / "config.yaml"
     atomic_write_text(config_file, f"# resolved from {config_path}\n" + cfg.to_yaml())
     frozen = load_config(config_file)
     record = RunRecord.start(run_dir, frozen, config_file, REPO_ROOT,
-                             extra={"notebooks": [nb.name for nb in notebooks], "overrides": overrides})
+                             extra={"notebooks": [nb.name for nb in notebooks], "notebook_dir": str(Path(notebook_dir).resolve()),
+                                    "overrides": overrides})
     print(f"[nrfm] run {run_dir.name}: config {config_path} (sha256 {frozen.sha256()[:12]}), "
           f"git {record.data['git']['commit'] or 'n/a'}{' (dirty)' if record.data['git']['dirty'] else ''}",
           flush=True)
@@ -168,7 +170,8 @@ def resume_run(run_id: str, out: str | Path = "reports", progress: bool = True) 
     cfg = load_config(config_file)
     if cfg.sha256() != record.data.get("config_sha256"):
         raise RunError(f"{config_file}: config changed since the run started (sha256 differs); refusing to resume")
-    notebooks = [NOTEBOOK_DIR / name for name in record.data.get("notebooks", [])]
+    notebook_dir = Path(record.data.get("notebook_dir") or NOTEBOOK_DIR)
+    notebooks = [notebook_dir / name for name in record.data.get("notebooks", [])]
     missing = [nb.name for nb in notebooks if not nb.is_file()]
     if missing:
         raise RunError(f"{run_dir}: notebooks of this run no longer exist: {missing}")
@@ -203,7 +206,8 @@ def parse_sweep(items: Sequence[str]) -> list[dict[str, Any]]:
 
 def sweep_run(config_path: str | Path, sweep: Sequence[str], out: str | Path = "reports",
               manifest: str | Path | None = None, only: Sequence[str] | None = None,
-              overrides: Mapping[str, Any] | None = None, progress: bool = True) -> RunOutcome:
+              overrides: Mapping[str, Any] | None = None, progress: bool = True,
+              notebook_dir: Path = NOTEBOOK_DIR) -> RunOutcome:
     """One child run per combination under ``<out>/<sweep_id>/runs/``, then an aggregated summary page."""
     from nrfm.report import render_sweep_report
 
@@ -218,10 +222,11 @@ def sweep_run(config_path: str | Path, sweep: Sequence[str], out: str | Path = "
         label = "-".join(f"{k.split('.')[-1]}-{v[0] if isinstance(v, list) else v}" for k, v in combo.items())
         try:
             start_run(config_path, out=sweep_dir / "runs", manifest=manifest, only=only,
-                      overrides={**dict(overrides or {}), **combo}, label=label, progress=progress)
+                      overrides={**dict(overrides or {}), **combo}, label=label, progress=progress,
+                      notebook_dir=notebook_dir)
         except RunError as err:
             failures.append(str(err))
-    report = render_sweep_report(sweep_dir, config_path)
+    report = render_sweep_report(sweep_dir, config_path, notebook_dir)
     if failures:
         raise RunError(f"sweep {sweep_dir.name}: {len(failures)} run(s) failed; first: {failures[0]}")
     return RunOutcome(sweep_dir, report, "complete")
