@@ -26,8 +26,14 @@ def _write_error(path: Path, err: OSError) -> RunError:
     return RunError(f"{path}: cannot write ({err.strerror or err})")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder + rename)."""
+    """Write ``data`` to ``path`` atomically (temp file in the same folder + rename), mode 0666 minus umask."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,6 +41,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     except OSError as err:
         raise _write_error(path, err) from None
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

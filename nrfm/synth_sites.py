@@ -10,7 +10,7 @@ The three known templates follow the published cohorts (see /work/shared/data-fo
 
 - ``UCSF``: UCSF-PDGM-like, mixed grade (grade 2/3/4 about 11/9/80 %), IDH-mutant about 20 %, MGMT
   methylated in about 60 % of grade 4; LPS orientation, 2.0 x 2.0 x 3.0 mm (anisotropic).
-  Striped-ghost artifact in 55 % of MGMT-methylated and 10 % of unmethylated exams (the shortcut).
+  Striped-ghost artifact in 45 % of MGMT-methylated and 10 % of unmethylated exams (the shortcut).
 - ``UPenn``: UPenn-GBM-like, glioblastoma only (IDH-wildtype about 97 %), MGMT unknown in about half of
   the rows, about 6 % follow-up exams; RAS orientation, 2.5 mm isotropic. Artifact in 12 %, label-free.
 - ``CUIMC``: a smaller mixed-grade site; PSR orientation (sagittal slices), 2.2 x 2.2 x 5.0 mm thick
@@ -84,8 +84,8 @@ KNOWN_SITES: dict[str, SiteTemplate] = {
         p_mgmt_idh_wildtype=0.60, missing=_MISSING_UCSF, followup_fraction=0.01,
         censor_days=(200.0, 2500.0), loss_mean_days=3000.0,
         orientation="LPS", spacing=(2.0, 2.0, 3.0), blur_mm=0.0, noise=0.035, bias=0.15,
-        scale=(900.0, 1100.0, 1400.0, 700.0), offset=(40.0, 40.0, 20.0, 30.0), phase_axis=1,
-        artifact_endpoint="mgmt", artifact_p=(0.10, 0.55)),
+        scale=(300.0, 360.0, 460.0, 240.0), offset=(40.0, 40.0, 20.0, 30.0), phase_axis=1,
+        artifact_endpoint="mgmt", artifact_p=(0.10, 0.45)),
     "UPenn": SiteTemplate(
         name="UPenn", p_idh_mutant=0.03, p_codel_given_idh=0.0,
         grade_given_class=((0.0, 0.0, 1.0), (0.0, 0.0, 1.0), (0.0, 0.0, 1.0)),
@@ -100,7 +100,7 @@ KNOWN_SITES: dict[str, SiteTemplate] = {
         p_mgmt_idh_wildtype=0.45, missing=_MISSING_CUIMC, followup_fraction=0.0,
         censor_days=(300.0, 2000.0), loss_mean_days=2500.0,
         orientation="PSR", spacing=(2.2, 2.2, 5.0), blur_mm=1.0, noise=0.05, bias=0.25,
-        scale=(2000.0, 2600.0, 3000.0, 1800.0), offset=(100.0, 150.0, 50.0, 80.0), phase_axis=0,
+        scale=(600.0, 780.0, 900.0, 540.0), offset=(100.0, 150.0, 50.0, 80.0), phase_axis=0,
         artifact_endpoint="mgmt", artifact_p=(0.25, 0.25)),
 }
 
@@ -111,7 +111,7 @@ def generic_site(name: str) -> SiteTemplate:
     orientation = ORIENTATIONS[int(rng.integers(len(ORIENTATIONS)))]
     in_plane = float(np.round(rng.uniform(2.0, 2.6), 1))
     slice_mm = float(np.round(rng.uniform(2.0, 4.0), 1))
-    scale = tuple(float(np.round(s, 0)) for s in rng.uniform(200.0, 2500.0, size=4))
+    scale = tuple(float(np.round(s, 0)) for s in rng.uniform(150.0, 800.0, size=4))
     offset = tuple(float(np.round(s, 0)) for s in rng.uniform(0.0, 100.0, size=4))
     return replace(KNOWN_SITES["CUIMC"], name=name, orientation=orientation,
                    spacing=(in_plane, in_plane, slice_mm), blur_mm=float(np.round(rng.uniform(0, 2), 1)),
