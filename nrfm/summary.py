@@ -206,3 +206,120 @@ def direction_verdicts(table: pd.DataFrame | None, value: str, low: str, high: s
                      "ci_high": dro[high] - erm[value], "verdict": result,
                      "note": "CI of the DRO value minus the ERM point value"})
     return pd.DataFrame(rows)
+
+
+def find_runs(run_dir: Path) -> list[Path]:
+    """The run itself, or for a sweep folder its child runs (``runs/*``) that have metrics."""
+    run_dir = Path(run_dir)
+    children = sorted(p.parent.parent for p in run_dir.glob("runs/*/metrics"))
+    return children or [run_dir]
+
+
+def collect_metrics(run_dir: Path, name: str) -> pd.DataFrame | None:
+    """``metrics/<name>.csv`` of a run, or of every child run of a sweep with a ``run`` column added."""
+    frames = []
+    for run in find_runs(run_dir):
+        path = run / "metrics" / f"{name}.csv"
+        if path.is_file():
+            frame = pd.read_csv(path)
+            frame.insert(0, "run", run.name)
+            frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def spread(frame: pd.DataFrame, keys: list[str], values: list[str]) -> pd.DataFrame:
+    """Mean, standard deviation and count over runs (seeds) of each metric, per key."""
+    grouped = frame.groupby(keys)[values]
+    out = grouped.mean().add_suffix("_mean").join(grouped.std(ddof=1).add_suffix("_sd")).join(
+        grouped.size().rename("runs"))
+    return out.reset_index()
+
+
+def site_invariance_verdicts(table: pd.DataFrame | None) -> pd.DataFrame:
+    """Paper: DRO-tuned embeddings mix sites more, i.e. a lower PCA-silhouette by site than ERM-tuned ones."""
+    if table is None or table.empty or "pca_silhouette_site_ci_low" not in table:
+        return pd.DataFrame()
+    return direction_verdicts(table, "pca_silhouette_site", "pca_silhouette_site_ci_low",
+                              "pca_silhouette_site_ci_high", "backbone", lambda a, b: a < b,
+                              "DRO embeddings mix sites more (lower PCA-silhouette by site)")
+
+
+def survival_verdicts(table: pd.DataFrame | None) -> pd.DataFrame:
+    """Paper: DRO raises the c-index at every site (CUIMC 0.592->0.597, UPenn 0.647->0.672, UCSF 0.600->0.627)."""
+    rows = []
+    if table is None or table.empty:
+        return pd.DataFrame(rows)
+    for (backbone, site), part in table[table["site"] != "all"].groupby(["backbone", "site"]):
+        by = part.set_index("objective")
+        if "erm" not in by.index or "dro" not in by.index:
+            continue
+        erm, dro = by.loc["erm"], by.loc["dro"]
+        paper = PAPER_CINDEX.get(str(site))
+        if not (np.isfinite(erm["c_index"]) and np.isfinite(dro["c_index"])):
+            result, note = "inconclusive", "c-index not computable at this site (see survival table)"
+        elif dro["ci_low"] > erm["c_index"]:
+            result, note = "reproduced", ""
+        elif dro["ci_high"] < erm["c_index"]:
+            result, note = "not reproduced", ""
+        else:
+            result, note = "inconclusive", ""
+        rows.append({"claim": "DRO raises the survival c-index at each site", "backbone": backbone, "site": site,
+                     "metric": "c_index", "paper_erm": paper[0] if paper else np.nan,
+                     "paper_dro": paper[1] if paper else np.nan,
+                     "paper_delta": (paper[1] - paper[0]) if paper else np.nan, "erm": erm["c_index"],
+                     "dro": dro["c_index"], "delta": dro["c_index"] - erm["c_index"],
+                     "ci_low": dro["ci_low"] - erm["c_index"], "ci_high": dro["ci_high"] - erm["c_index"],
+                     "n_test": dro.get("n", np.nan), "verdict": result,
+                     "note": note or "CI of the DRO c-index minus the ERM point value"})
+    return pd.DataFrame(rows)
+
+
+def gradcam_verdicts(table: pd.DataFrame | None) -> pd.DataFrame:
+    """Paper: Grad-CAM attends to tumour and peritumoral tissue. Measured as enrichment: the share of CAM mass in
+    tumour + peritumoral ring divided by the share of the volume they occupy (1 = no preference)."""
+    rows = []
+    if table is None or table.empty:
+        return pd.DataFrame(rows)
+    for (backbone, objective), part in table[table["site"] != "all"].groupby(["backbone", "objective"]):
+        mass = part["cam_in_tumor"] + part["cam_in_peritumoral"]
+        volume = part["tumor_volume_fraction"] + part.get("peritumoral_volume_fraction", 0.0)
+        enrichment = (mass / volume.replace(0, np.nan)).dropna()
+        if enrichment.empty:
+            result = "inconclusive"
+        elif (enrichment > 1).all():
+            result = "reproduced"
+        elif (enrichment <= 1).all():
+            result = "not reproduced"
+        else:
+            result = "inconclusive"
+        rows.append({"claim": "Grad-CAM concentrates on tumour and peritumoral tissue", "backbone": backbone,
+                     "site": "each site", "metric": f"CAM enrichment ({objective})", "erm": np.nan, "dro": np.nan,
+                     "delta": float(enrichment.min()) if len(enrichment) else np.nan, "verdict": result,
+                     "note": "delta column = smallest per-site enrichment (CAM share / volume share); >1 at every "
+                             "site = reproduced"})
+    return pd.DataFrame(rows)
+
+
+VERDICT_COLUMNS = ["claim", "backbone", "site", "metric", "paper_erm", "paper_dro", "paper_delta", "erm", "dro",
+                   "delta", "ci_low", "ci_high", "oracle", "n_test", "verdict", "note"]
+
+
+def all_verdicts(run_dir: Path, methods: list[str], thresholds: dict[str, float], n_boot: int,
+                 oracle: pd.DataFrame | None = None, seed: int = 0) -> pd.DataFrame:
+    """Every claim's verdict for one run, in one table (written to metrics/verdicts.csv by the summary notebook)."""
+    metrics = lambda name: (pd.read_csv(Path(run_dir) / "metrics" / f"{name}.csv")
+                            if (Path(run_dir) / "metrics" / f"{name}.csv").is_file() else None)
+    parts = [molecular_verdicts(run_dir, methods, thresholds, n_boot, oracle, seed),
+             site_invariance_verdicts(metrics("site_invariance")), survival_verdicts(metrics("survival")),
+             gradcam_verdicts(metrics("gradcam"))]
+    table = pd.concat([p for p in parts if not p.empty], ignore_index=True) if any(
+        not p.empty for p in parts) else pd.DataFrame(columns=VERDICT_COLUMNS)
+    return table.reindex(columns=VERDICT_COLUMNS)
+
+
+def verdict_counts(table: pd.DataFrame) -> pd.DataFrame:
+    """Per claim: how many backbones (and sites) reproduced, did not, or could not tell."""
+    if table.empty:
+        return table
+    return table.pivot_table(index="claim", columns="verdict", values="backbone", aggfunc="count",
+                             fill_value=0).reset_index()
