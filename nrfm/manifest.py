@@ -94,7 +94,7 @@ def _load_raw(path: Path) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
     except (pd.errors.ParserError, ValueError) as err:
         raise ManifestError(f"{path}: not a valid CSV ({str(err).strip().splitlines()[0]})") from None
     raw.columns = [h.lower() if h.lower() in COLUMNS else h for h in header]
-    raw = raw.apply(lambda col: col.str.strip())
+    raw = raw.fillna("").apply(lambda col: col.str.strip())  # short rows give NaN for the missing cells
     lines = np.arange(len(raw)) + 2  # header is line 1
     keep = (raw != "").any(axis=1).to_numpy()  # blank lines are ignored but still counted
     raw, lines = raw.loc[keep].reset_index(drop=True), lines[keep]
@@ -114,9 +114,12 @@ def _parse(raw: pd.DataFrame, path: Path, lines: np.ndarray, errors: list[str] |
         for i, text in enumerate(df[col]):
             if text.lower() in UNKNOWN_VALUES:
                 continue
-            try:
+            try:  # a decimal comma (European Excel) is accepted
                 values[i] = float(text.replace(",", ".") if text.count(",") == 1 and "." not in text else text)
+                if not np.isfinite(values[i]):
+                    raise ValueError(text)
             except ValueError:
+                values[i] = np.nan
                 message = f"{path}:{lines[i]}:{col}: not a number: {text!r} (leave empty for unknown)"
                 if errors is None:
                     raise ManifestError(message) from None
@@ -191,25 +194,21 @@ def _check_values(df: pd.DataFrame, path: Path, lines: np.ndarray, errors: list[
 
 
 def _check_leaks(df: pd.DataFrame, path: Path, lines: np.ndarray, errors: list[str], warnings: list[str]) -> None:
-    split_line: dict[tuple[str, str], int] = {}
+    split_lines: dict[str, dict[str, int]] = {}  # patient -> {split: first line}
     site_of: dict[str, str] = {}
-    reported: set[str] = set()
     for i, row in enumerate(df.itertuples(index=False)):
-        pid = row.patient_id
-        if not pid:
+        pid, at = row.patient_id, f"{path}:{lines[i]}"
+        if pid and site_of.setdefault(pid, row.site) != row.site and site_of[pid] != "reported":
+            warnings.append(f"{at}:site: patient {pid!r} appears at sites {site_of[pid]!r} and {row.site!r}")
+            site_of[pid] = "reported"
+        if not pid or row.split not in SPLITS:
             continue
-        if pid in site_of and site_of[pid] != row.site and pid not in reported:
-            warnings.append(f"{path}:{lines[i]}:site: patient {pid!r} appears at sites {site_of[pid]!r} and {row.site!r}")
-            reported.add(pid)
-        site_of.setdefault(pid, row.site)
-        if row.split not in SPLITS:
-            continue
-        others = [(s, n) for (p, s), n in split_line.items() if p == pid and s != row.split]
-        if others:
-            s, n = others[0]
-            errors.append(f"{path}:{lines[i]}:split: patient {pid!r} is in {row.split} here and in {s} "
-                          f"on line {n}; splits must be made by patient")
-        split_line.setdefault((pid, row.split), int(lines[i]))
+        seen = split_lines.setdefault(pid, {})
+        other = next(((s, n) for s, n in seen.items() if s != row.split), None)
+        if other:
+            errors.append(f"{at}:split: patient {pid!r} is in {row.split} here and in {other[0]} on line {other[1]}; "
+                          "splits must be made by patient")
+        seen.setdefault(row.split, int(lines[i]))
 
 
 def site_summary(df: pd.DataFrame) -> pd.DataFrame:
@@ -236,16 +235,18 @@ def site_summary(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _format_summary(summary: pd.DataFrame) -> str:
-    table = pd.DataFrame({"site": summary["site"], "exams": summary["exams"], "patients": summary["patients"]})
+    """One column per site (narrow whatever the number of endpoints): counts, then each endpoint."""
+    table = {"exams": summary["exams"].astype(str), "patients": summary["patients"].astype(str)}
     for ep in ENDPOINTS:
+        count = summary[f"{ep}_n"].astype(str)
         if ep in BINARY_ENDPOINTS:
-            cell = summary[f"{ep}_pos"].astype(str) + "/" + summary[f"{ep}_n"].astype(str)
-        else:
-            cell = summary[f"{ep}_n"].astype(str)
-        table[ep] = cell + " (" + (100 * summary[f"{ep}_missing"]).round().astype(int).astype(str) + "% miss)"
-    table["os (events/n)"] = summary["os_events"].astype(str) + "/" + summary["os_n"].astype(str)
-    legend = "binary markers: positives/labelled (missing rate); continuous: labelled (missing rate)"
-    return legend + "\n" + table.to_string(index=False)
+            count = summary[f"{ep}_pos"].astype(str) + "/" + count
+        table[ep] = count + " (" + (100 * summary[f"{ep}_missing"]).round().astype(int).astype(str) + "%)"
+    table["os events/n"] = summary["os_events"].astype(str) + "/" + summary["os_n"].astype(str)
+    frame = pd.DataFrame(table).T
+    frame.columns = summary["site"].tolist()
+    legend = "per site: binary markers positives/labelled (missing %), continuous labelled (missing %)"
+    return legend + "\n" + frame.to_string()
 
 
 def validate_manifest(path: Path, check_images: bool = True, progress: bool = True) -> ValidationResult:
@@ -255,7 +256,7 @@ def validate_manifest(path: Path, check_images: bool = True, progress: bool = Tr
     markers in {0, 1, empty}, continuous markers in [0, 100], age, survival time > 0 with event in {0, 1},
     one patient never in two splits. With ``check_images``: each path exists and is a readable, complete,
     3-D NIfTI with finite voxels; a subject's contrasts and mask share shape and affine (within
-    :data:`nrfm.volumes.AFFINE_TOL_MM`); mask labels are in {0, 1, 2, 3, 4}. An all-zero tumour mask is a
+    :data:`nrfm.transforms.AFFINE_TOL_MM`); mask labels are in {0, 1, 2, 3, 4}. An all-zero tumour mask is a
     warning: the exam stays usable and its crop falls back to the brain centre.
 
     Returns:
@@ -274,15 +275,12 @@ def validate_manifest(path: Path, check_images: bool = True, progress: bool = Tr
     _check_values(df, path, lines, errors, warnings)
     _check_leaks(df, path, lines, errors, warnings)
     if check_images:
-        from nrfm.volumes import check_subject_files  # nibabel only; imported when images are checked
+        from nrfm.transforms import check_subject_files  # MONAI itself is only imported to preprocess
 
-        items = list(enumerate(df.to_dict("records")))
-        try:
-            from tqdm import tqdm
-            items = tqdm(items, desc="checking images", unit="exam", disable=not progress)
-        except ImportError:  # tqdm is a dependency; this only keeps validation usable without it
-            pass
-        for i, row in items:
+        from tqdm import tqdm
+
+        rows = df.to_dict("records")
+        for i, row in tqdm(enumerate(rows), total=len(rows), desc="checking images", unit="exam", disable=not progress):
             for level, col, message in check_subject_files(row):
                 (errors if level == "error" else warnings).append(f"{path}:{lines[i]}:{col}: {message}")
     summary = site_summary(df) if len(df) else pd.DataFrame()
@@ -340,7 +338,8 @@ def assign_splits(df: pd.DataFrame, seed: int, endpoint: str = "idh",
     chosen: dict[str, str] = {}
     for site in sorted(todo["site"].unique()):
         part = todo[todo["site"] == site]
-        labels = part.groupby("patient_id", sort=True)[endpoint].agg(lambda s: s.dropna().iloc[0] if s.notna().any() else -1.0)
+        labels = part.groupby("patient_id", sort=True)[endpoint].agg(
+            lambda s: s.dropna().iloc[0] if s.notna().any() else -1.0)
         order: list[str] = []
         for stratum in sorted(labels.unique()):
             patients = sorted(labels.index[labels == stratum])
