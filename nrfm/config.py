@@ -116,6 +116,15 @@ class PretrainingConfig:
     num_workers: int = 1  # DataLoader workers producing views
     threads: int = 0  # torch intra-op threads; 0 = all cores not used by loader workers
     monitor_endpoint: str = "idh"  # representation monitor: kNN accuracy on this marker and on site
+    monitor_k: int = 10  # neighbours of the kNN monitor (cosine distance, train -> val subjects)
+    head_hidden_dim: int = 512  # BYOL/MoCo/DINO MLP heads (papers: 4096 / 2048 / 2048)
+    head_out_dim: int = 128  # BYOL/MoCo projection output (papers: 256 / 128)
+    dino_out_dim: int = 1024  # DINO prototypes K (paper: 65536)
+    momentum_base: float = 0.99  # EMA start for BYOL/DINO/MoCo, cosine to 1 (papers 0.996/0.996/0.999; runs are short)
+    moco_memory_bank: int = 128  # MoCo v2 negatives in the queue (paper 65536; keep below the train-set size)
+    mae_decoder_hidden_size: int = 96  # MAE decoder width (paper 512)
+    mae_decoder_layers: int = 2  # MAE decoder blocks (paper 8)
+    batch_augment: bool = True  # intensity/affine/blur/noise augmentation on the batch in torch (else per sample in MONAI)
 
     def _check(self) -> None:
         _subset(self.methods, SSL_METHODS, "methods")
@@ -137,6 +146,16 @@ class PretrainingConfig:
         _require(self.threads >= 0, "threads", "must be >= 0")
         _require(self.monitor_endpoint in BINARY_ENDPOINTS, "monitor_endpoint",
                  f"unknown endpoint {self.monitor_endpoint!r}; valid: {list(BINARY_ENDPOINTS)}")
+        _require(self.monitor_k >= 1, "monitor_k", f"must be >= 1, got {self.monitor_k}")
+        _require(self.head_hidden_dim >= 8 and self.head_out_dim >= 8 and self.dino_out_dim >= 8,
+                 "head_hidden_dim", "head_hidden_dim, head_out_dim and dino_out_dim must each be >= 8")
+        _require(0.0 <= self.momentum_base < 1.0, "momentum_base", f"must be in [0, 1), got {self.momentum_base}")
+        _require(self.moco_memory_bank >= 0, "moco_memory_bank", "must be >= 0 (0 = in-batch negatives)")
+        _require(self.vit_hidden_size % 6 == 0 and self.vit_hidden_size % self.vit_heads == 0, "vit_hidden_size",
+                 f"must be a multiple of 6 (3D sine-cosine embedding) and of vit_heads, got {self.vit_hidden_size}")
+        _require(self.mae_decoder_hidden_size % 6 == 0 and self.mae_decoder_hidden_size % self.vit_heads == 0,
+                 "mae_decoder_hidden_size", f"must be a multiple of 6 and of vit_heads, got {self.mae_decoder_hidden_size}")
+        _require(self.mae_decoder_layers >= 1, "mae_decoder_layers", "must be >= 1")
         for side in self.view_size:
             _require(side % self.vit_patch_size == 0 or "mae" not in self.methods, "view_size",
                      f"each side must be a multiple of vit_patch_size={self.vit_patch_size} for mae")
@@ -196,8 +215,19 @@ class AnalysesConfig:
     gradcam_endpoint: str = "idh"
     gradcam_subjects_per_site: int = 3
     peritumoral_margin_mm: float = 10.0
+    site_probe_folds: int = 5  # stratified CV folds of the site probe (capped by the smallest site)
+    umap_neighbors: int = 15  # capped at n_subjects - 1 for small test sets
+    survival_dro_steps: int = 300  # full-batch Adam steps of the DRO Cox head
+    survival_dro_lr: float = 0.05
+    survival_dro_eta: float = 0.01  # group DRO step size over sites for the survival head
+    gradcam_target_layer: str = ""  # dotted module name in the fine-tuned model; empty = the backbone's choice
 
     def _check(self) -> None:
+        _require(self.site_probe_folds >= 2, "site_probe_folds", f"must be >= 2, got {self.site_probe_folds}")
+        _require(self.umap_neighbors >= 2, "umap_neighbors", f"must be >= 2, got {self.umap_neighbors}")
+        _require(self.survival_dro_steps >= 1, "survival_dro_steps", f"must be >= 1, got {self.survival_dro_steps}")
+        _require(self.survival_dro_lr > 0, "survival_dro_lr", f"must be > 0, got {self.survival_dro_lr}")
+        _require(self.survival_dro_eta > 0, "survival_dro_eta", f"must be > 0, got {self.survival_dro_eta}")
         _require(self.bootstrap >= 10, "bootstrap", f"must be >= 10, got {self.bootstrap}")
         _require(self.embedding_pca_components >= 2, "embedding_pca_components", "must be >= 2")
         _require(self.survival_pca_components >= 1, "survival_pca_components", "must be >= 1")

@@ -34,6 +34,17 @@ def resolve_path(path: str | Path, base: Path | None = None) -> Path:
     return candidate if candidate.exists() else path.resolve()
 
 
+def resolve_config_paths(cfg: Config) -> Config:
+    """Make the config's relative paths absolute (working directory first, then the repo root)."""
+    cohort = cfg.cohort
+    if cohort.manifest:
+        cohort = cohort.__class__(**{**cohort.__dict__, "manifest": str(resolve_path(cohort.manifest, REPO_ROOT))})
+    cohort = cohort.__class__(**{**cohort.__dict__, "data_dir": str(resolve_path(cohort.data_dir, REPO_ROOT))})
+    prep = cfg.preprocessing
+    prep = prep.__class__(**{**prep.__dict__, "cache_dir": str(resolve_path(prep.cache_dir, REPO_ROOT))})
+    return cfg.replace(cohort=cohort, preprocessing=prep)
+
+
 def new_run_dir(out_root: str | Path, label: str) -> Path:
     """Create a fresh, unique run folder ``<out_root>/<UTC time>-<label>`` (never reuses one)."""
     out_root = Path(out_root)
@@ -186,6 +197,7 @@ def open_run(config: str | Path | Config, run_dir: str | Path | None = None, pro
     from nrfm.manifest import assign_splits, check_no_patient_leak, read_manifest
 
     cfg = config if isinstance(config, Config) else load_config(resolve_path(config, REPO_ROOT))
+    cfg = resolve_config_paths(cfg)
     if run_dir in (None, ""):
         run_dir = new_run_dir(REPO_ROOT / "reports", "notebook")
     run_dir = Path(run_dir).resolve()

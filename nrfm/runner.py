@@ -20,7 +20,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import yaml
 
 from nrfm.config import Config, load_config
-from nrfm.context import REPO_ROOT, new_run_dir, resolve_path
+from nrfm.context import REPO_ROOT, new_run_dir, resolve_config_paths, resolve_path
 from nrfm.errors import ConfigError, RunError
 from nrfm.files import atomic_write_text
 from nrfm.provenance import RunRecord, now_iso
@@ -61,17 +61,6 @@ def list_notebooks(only: Sequence[str] | None = None, configured: Sequence[str] 
             raise ConfigError(f"--only: unknown notebook {name!r}; valid: {[nb.stem for nb in available]}")
         chosen.extend(m for m in match if m not in chosen)
     return sorted(chosen)
-
-
-def resolve_config_paths(cfg: Config) -> Config:
-    """Make the config's relative paths absolute (from the working directory), so notebooks find them anywhere."""
-    cohort = cfg.cohort
-    if cohort.manifest:
-        cohort = cohort.__class__(**{**cohort.__dict__, "manifest": str(resolve_path(cohort.manifest, REPO_ROOT))})
-    cohort = cohort.__class__(**{**cohort.__dict__, "data_dir": str(resolve_path(cohort.data_dir, REPO_ROOT))})
-    prep = cfg.preprocessing
-    prep = prep.__class__(**{**prep.__dict__, "cache_dir": str(resolve_path(prep.cache_dir, REPO_ROOT))})
-    return cfg.replace(cohort=cohort, preprocessing=prep)
 
 
 @dataclass(frozen=True)
