@@ -34,6 +34,15 @@ def resolve_path(path: str | Path, base: Path | None = None) -> Path:
     return candidate if candidate.exists() else path.resolve()
 
 
+def _numeric_if_possible(column: pd.Series) -> pd.Series:
+    if column.dtype != object:
+        return column
+    try:
+        return pd.to_numeric(column.replace("", None))
+    except (ValueError, TypeError):
+        return column
+
+
 def resolve_config_paths(cfg: Config) -> Config:
     """Make the config's relative paths absolute (working directory first, then the repo root)."""
     cohort = cfg.cohort
@@ -139,7 +148,7 @@ class RunContext:
             keep = [tuple(r) not in new_keys for r in old[list(key_columns)].values]
             frame = pd.concat([old[keep], frame.astype(object)], ignore_index=True)
             # re-infer numeric columns after concatenating the string-typed old rows
-            frame = frame.apply(lambda col: pd.to_numeric(col, errors="ignore") if col.dtype == object else col)
+            frame = frame.apply(_numeric_if_possible)
         frame = frame.sort_values(list(key_columns), kind="stable").reset_index(drop=True)
         return atomic_write_csv(path, frame)
 
