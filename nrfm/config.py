@@ -115,9 +115,9 @@ class PretrainingConfig:
     bf16: bool = True  # bf16 autocast (CPU with AMX/AVX-512, CUDA)
     channels_last: bool = True  # channels_last_3d memory format
     num_workers: int = 1  # DataLoader workers producing views
-    threads: int = 0  # torch intra-op threads; 0 = all cores not used by loader workers
-    monitor_endpoint: str = "idh"  # representation monitor: kNN accuracy on this marker and on site
-    monitor_k: int = 10  # neighbours of the kNN monitor (cosine distance, train -> val subjects)
+    threads: int = 0  # torch intra-op threads; 0 = every core (1 is faster on a machine shared with other jobs)
+    monitor_endpoint: str = "idh"  # representation monitor: linear-probe balanced accuracy on this marker and on site
+    monitor_c: float = 0.1  # inverse L2 strength of the monitor's logistic-regression probe (train -> val)
     head_hidden_dim: int = 512  # BYOL/MoCo/DINO MLP heads (papers: 4096 / 2048 / 2048)
     head_out_dim: int = 128  # BYOL/MoCo projection output (papers: 256 / 128)
     dino_out_dim: int = 1024  # DINO prototypes K (paper: 65536)
@@ -148,7 +148,7 @@ class PretrainingConfig:
         _require(self.monitor_endpoint in BINARY_ENDPOINTS, "monitor_endpoint",
                  f"unknown endpoint {self.monitor_endpoint!r}; valid: {list(BINARY_ENDPOINTS)}")
         _require(self.cnn_stem_stride in (1, 2), "cnn_stem_stride", f"must be 1 or 2, got {self.cnn_stem_stride}")
-        _require(self.monitor_k >= 1, "monitor_k", f"must be >= 1, got {self.monitor_k}")
+        _require(self.monitor_c > 0, "monitor_c", f"must be > 0, got {self.monitor_c}")
         _require(self.head_hidden_dim >= 8 and self.head_out_dim >= 8 and self.dino_out_dim >= 8,
                  "head_hidden_dim", "head_hidden_dim, head_out_dim and dino_out_dim must each be >= 8")
         _require(0.0 <= self.momentum_base < 1.0, "momentum_base", f"must be in [0, 1), got {self.momentum_base}")

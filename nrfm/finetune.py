@@ -365,6 +365,18 @@ def load_finetuned(ctx, method: str, objective: str, backbone: nn.Module | None 
     return model.eval()
 
 
+def ensure_finetuned(ctx, method: str, progress: bool = True) -> None:
+    """Fine-tune (pooled protocol) each configured objective whose model or embeddings this run lacks.
+
+    Later stages call this, so a notebook run on its own (or after ``--only``) computes what it needs.
+    """
+    for objective in ctx.config.finetuning.objectives:
+        done = ((ctx.checkpoints_dir / method / f"finetune_{objective}_pooled.pt").is_file()
+                and (ctx.artifacts_dir / f"embeddings_{method}_{objective}.npz").is_file())
+        if not done:
+            run_finetune_stage(ctx, method, objective, "pooled", progress=progress)
+
+
 def read_history(ctx, method: str, objective: str, protocol: str = "pooled") -> dict[str, Any] | None:
     """The training history written by :func:`run_finetune_stage` (None if that run has not happened)."""
     path = ctx.artifacts_dir / f"history_{method}_{objective}_{protocol}.json"
