@@ -46,9 +46,12 @@ PAPER_CLAIMS = (
 PAPER_CINDEX = {"CUIMC": (0.592, 0.597), "UPenn": (0.647, 0.672), "UCSF": (0.600, 0.627)}
 
 
-def verdict(low: float, high: float, paper_gain: float | None) -> str:
+MIN_TEST_SUBJECTS = 20  # below this a bootstrap CI is too coarse to call anything
+
+
+def verdict(low: float, high: float, paper_gain: float | None, n: int | None = None) -> str:
     """Classify a DRO-minus-ERM CI against zero and the paper's gain (see module docstring)."""
-    if not np.isfinite(low) or not np.isfinite(high):
+    if not np.isfinite(low) or not np.isfinite(high) or (n is not None and n < MIN_TEST_SUBJECTS):
         return "inconclusive"
     if low > 0:
         return "reproduced"
@@ -167,13 +170,16 @@ def molecular_verdicts(run_dir: Path, methods: list[str], thresholds: dict[str, 
                 result = paired_bootstrap(erm, dro, claim.metric, claim.endpoints, n_boot=n_boot, seed=seed)
                 note = "single class at the smallest site; evaluated on all sites"
             gain = (claim.dro - claim.erm) if claim.erm is not None else None
+            if result["n"] < MIN_TEST_SUBJECTS:
+                note = "; ".join(filter(None, [note, f"only {result['n']} test subjects (< {MIN_TEST_SUBJECTS})"]))
             oracle_auc = (oracle_mean_auc(oracle, erm if where == "all" else erm[erm["site"] == where],
                                           claim.endpoints) if claim.metric == "auc" else np.nan)
             rows.append({"claim": claim.text, "backbone": method, "site": where, "metric": claim.metric,
                          "paper_erm": claim.erm, "paper_dro": claim.dro, "paper_delta": gain,
                          "erm": result["erm"], "dro": result["dro"], "delta": result["delta"],
                          "ci_low": result["ci_low"], "ci_high": result["ci_high"], "oracle": oracle_auc,
-                         "n_test": result["n"], "verdict": verdict(result["ci_low"], result["ci_high"], gain),
+                         "n_test": result["n"],
+                         "verdict": verdict(result["ci_low"], result["ci_high"], gain, result["n"]),
                          "note": note})
     return pd.DataFrame(rows)
 
@@ -211,7 +217,7 @@ def direction_verdicts(table: pd.DataFrame | None, value: str, low: str, high: s
 def find_runs(run_dir: Path) -> list[Path]:
     """The run itself, or for a sweep folder its child runs (``runs/*``) that have metrics."""
     run_dir = Path(run_dir)
-    children = sorted(p.parent.parent for p in run_dir.glob("runs/*/metrics"))
+    children = sorted(p.parent for p in run_dir.glob("runs/*/metrics"))
     return children or [run_dir]
 
 
@@ -257,6 +263,8 @@ def survival_verdicts(table: pd.DataFrame | None) -> pd.DataFrame:
         paper = PAPER_CINDEX.get(str(site))
         if not (np.isfinite(erm["c_index"]) and np.isfinite(dro["c_index"])):
             result, note = "inconclusive", "c-index not computable at this site (see survival table)"
+        elif dro.get("n", MIN_TEST_SUBJECTS) < MIN_TEST_SUBJECTS:
+            result, note = "inconclusive", f"only {int(dro['n'])} test patients (< {MIN_TEST_SUBJECTS})"
         elif dro["ci_low"] > erm["c_index"]:
             result, note = "reproduced", ""
         elif dro["ci_high"] < erm["c_index"]:
