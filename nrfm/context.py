@@ -57,7 +57,10 @@ def resolve_config_paths(cfg: Config) -> Config:
 def new_run_dir(out_root: str | Path, label: str) -> Path:
     """Create a fresh, unique run folder ``<out_root>/<UTC time>-<label>`` (never reuses one)."""
     out_root = Path(out_root)
-    out_root.mkdir(parents=True, exist_ok=True)
+    try:
+        out_root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunError(f"{out_root}: cannot create the reports folder ({err.strerror or err})") from None
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     for attempt in range(1000):
         name = f"{stamp}-{label}" + (f"-{attempt}" if attempt else "")
@@ -66,6 +69,8 @@ def new_run_dir(out_root: str | Path, label: str) -> Path:
             return out_root / name
         except FileExistsError:
             continue
+        except OSError as err:
+            raise RunError(f"{out_root}: cannot create a run folder here ({err.strerror or err})") from None
     raise RunError(f"{out_root}: could not create a unique run folder")
 
 
@@ -166,6 +171,15 @@ class RunContext:
             os.replace(tmp, path)
             first = first or path
         return first
+
+
+def check_parameter(name: str, value: str, valid: Sequence[str]) -> list[str]:
+    """A notebook parameter naming one item or ``all``: the chosen items, or a ConfigError listing valid ones."""
+    if value == "all":
+        return list(valid)
+    if value not in valid:
+        raise ConfigError(f"notebook parameter {name}: unknown value {value!r}; valid: {[*valid, 'all']}")
+    return [value]
 
 
 def cohort_manifest_path(cfg: Config) -> Path:

@@ -63,6 +63,23 @@ def list_notebooks(only: Sequence[str] | None = None, configured: Sequence[str] 
     return sorted(chosen)
 
 
+def preflight(cfg: Config) -> None:
+    """Refuse a bad imported manifest before any run folder exists (the table only; images are checked by
+    ``nrfm validate`` and by the cohort notebook)."""
+    if not cfg.cohort.manifest:
+        return
+    from nrfm.errors import ManifestError
+    from nrfm.manifest import validate_manifest
+
+    path = Path(cfg.cohort.manifest)
+    if not path.is_file():
+        raise ConfigError(f"{cfg.source}: cohort.manifest: file not found: {path}")
+    result = validate_manifest(path, check_images=False, progress=False)
+    if not result.ok:
+        more = f" (and {len(result.errors) - 1} more: nrfm validate {path})" if len(result.errors) > 1 else ""
+        raise ManifestError(result.errors[0] + more)
+
+
 @dataclass(frozen=True)
 class RunOutcome:
     run_dir: Path
@@ -134,6 +151,7 @@ def start_run(config_path: str | Path, out: str | Path = "reports", manifest: st
         overrides["cohort.manifest"] = str(manifest_path)
     cfg = resolve_config_paths(load_config(config_path, overrides))
     notebooks = list_notebooks(only, cfg.report.notebooks, notebook_dir)
+    preflight(cfg)
     run_dir = new_run_dir(Path(out), label or f"{config_path.stem}-seed{cfg.seed}")
     config_file = run_dir / "config.yaml"
     atomic_write_text(config_file, f"# resolved from {config_path}\n" + cfg.to_yaml())
