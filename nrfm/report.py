@@ -42,10 +42,38 @@ details{margin:6px 0}summary{cursor:pointer;color:#56606b;font-size:12px}
 """
 
 
+_MATH = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$", re.S)
+
+
+def _math_image(expr: str, display: bool) -> str:
+    """TeX rendered by matplotlib's mathtext as inline SVG (no MathJax, no network); code if it cannot."""
+    import base64
+    import io
+
+    from matplotlib import mathtext
+
+    buffer = io.BytesIO()
+    try:
+        mathtext.math_to_image(f"${' '.join(expr.split())}$", buffer, format="svg", dpi=100)
+    except Exception:  # mathtext covers most but not all of TeX: show the source rather than fail the report
+        return f"<code>{html.escape(expr)}</code>"
+    data = base64.b64encode(buffer.getvalue()).decode()
+    style = "display:block;margin:8px auto" if display else "vertical-align:middle"
+    return f"<img class='math' alt='{html.escape(expr)}' style='{style}' src='data:image/svg+xml;base64,{data}'/>"
+
+
 def _markdown(text: str) -> str:
+    """Markdown to HTML, with $...$ and $$...$$ math rendered offline."""
     import mistune
 
-    return mistune.html(text)
+    rendered: list[str] = []
+
+    def keep(match: re.Match) -> str:
+        rendered.append(_math_image(match.group(1) or match.group(2), display=match.group(1) is not None))
+        return f"MATHPLACEHOLDER{len(rendered) - 1}X"
+
+    body = mistune.html(_MATH.sub(keep, text))
+    return re.sub(r"MATHPLACEHOLDER(\d+)X", lambda m: rendered[int(m.group(1))], body)
 
 
 def _output_html(output: dict[str, Any]) -> str:
