@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import nbformat
+import numpy as np
 import pandas as pd
 
 from nrfm.files import atomic_write_text
@@ -38,7 +39,8 @@ pre.error{background:#fdecea;border-left:4px solid #c0392b;color:#611a15}
 details{margin:6px 0}summary{cursor:pointer;color:#56606b;font-size:12px}
 .status-complete{color:#1e7d32}.status-failed,.status-incomplete{color:#c0392b}
 .verdict-reproduced{background:#e6f4ea}.verdict-not-reproduced{background:#fdecea}
-.verdict-inconclusive{background:#fff8e1}code{background:#f1f3f5;padding:0 3px}
+.verdict-inconclusive{background:#fff8e1}td.verdict-reproduced,td.verdict-not-reproduced,
+td.verdict-inconclusive{text-align:center}code{background:#f1f3f5;padding:0 3px}
 """
 
 
@@ -135,20 +137,50 @@ def _frame_html(frame: pd.DataFrame, classes: str = "") -> str:
     return frame.to_html(index=False, classes=classes, border=0, na_rep="", float_format=lambda v: f"{v:.3f}")
 
 
+def _fmt(value, digits: int = 3) -> str:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "" if value is None else html.escape(str(value))
+    return "" if not np.isfinite(value) else f"{value:+.{digits}f}" if digits < 0 else f"{value:.{digits}f}"
+
+
 def _verdict_html(run_dir: Path) -> str:
+    """Compact grid: one row per claim (and site), one column per backbone, each cell the verdict with the measured
+    DRO-minus-ERM difference and its CI; the full table behind a toggle."""
     path = run_dir / "metrics" / "verdicts.csv"
     if not path.is_file():
         return "<p>No verdict table (the summary notebook did not run in this run).</p>"
     frame = pd.read_csv(path)
+    if frame.empty:
+        return "<p>No claim could be evaluated in this run.</p>"
+    frame["row"] = frame["claim"] + np.where(frame["claim"].str.contains("each site"), " · " + frame["site"].astype(str), "")
+    backbones = sorted(frame["backbone"].astype(str).unique())
+    head = "<tr><th>claim</th><th>paper (ERM → +DRO)</th>" + "".join(f"<th>{html.escape(b)}</th>" for b in backbones) + "</tr>"
     rows = []
-    for _, row in frame.iterrows():
-        verdict = str(row.get("verdict", ""))
-        css = "verdict-" + verdict.replace(" ", "-")
-        cells = "".join(f"<td>{html.escape(str(v)) if not isinstance(v, float) else f'{v:.3f}'}</td>"
-                        for v in row.values)
-        rows.append(f"<tr class='{css}'>{cells}</tr>")
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in frame.columns)
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+    for row_name, part in frame.groupby("row", sort=False):
+        first = part.iloc[0]
+        paper = (f"{_fmt(first.get('paper_erm'))} → {_fmt(first.get('paper_dro'))}"
+                 if pd.notna(first.get("paper_erm")) else "qualitative")
+        cells = []
+        for backbone in backbones:
+            match = part[part["backbone"].astype(str) == backbone]
+            if match.empty:
+                cells.append("<td></td>")
+                continue
+            r = match.iloc[0]
+            css = "verdict-" + str(r["verdict"]).replace(" ", "-")
+            detail = (f"min enrichment {_fmt(r['delta'])}" if str(r.get("metric", "")).startswith("CAM")
+                      else f"Δ {_fmt(r['delta'])}")
+            if pd.notna(r.get("ci_low")):
+                detail += f" [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
+            note = f" title='{html.escape(str(r['note']))}'" if isinstance(r.get("note"), str) and r["note"] else ""
+            cells.append(f"<td class='{css}'{note}><b>{html.escape(str(r['verdict']))}</b><br><small>{detail}"
+                         f"{' · site ' + html.escape(str(r['site'])) if 'each site' not in row_name else ''}</small></td>")
+        rows.append(f"<tr><td>{html.escape(row_name)}</td><td>{paper}</td>{''.join(cells)}</tr>")
+    full = frame.drop(columns=["row"]).to_html(index=False, border=0, na_rep="", float_format=lambda v: f"{v:.3f}")
+    return (f"<table>{head}{''.join(rows)}</table><details><summary>all verdict columns (CSV: metrics/verdicts.csv)"
+            f"</summary>{full}</details>")
 
 
 def _provenance_html(record: dict[str, Any]) -> str:
