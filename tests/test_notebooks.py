@@ -137,3 +137,15 @@ def test_killed_run_resumes_to_identical_metrics(smoke_run, hermetic):
     for name in ("pretrain", "molecular", "site_invariance", "survival", "gradcam"):
         pd.testing.assert_frame_equal(_comparable(run_dir / "metrics" / f"{name}.csv"),
                                       _comparable(smoke_run.run_dir / "metrics" / f"{name}.csv"))
+
+
+def test_a_notebook_runs_alone_with_papermill(tmp_path):
+    """The README's line: papermill notebooks/01_pretrain.ipynb out.ipynb -p backbone dino (smoke config default)."""
+    out = tmp_path / "out.ipynb"
+    done = subprocess.run([str(Path(sys.executable).parent / "papermill"), "notebooks/01_pretrain.ipynb", str(out),
+                           "-p", "backbone", "dino", "-p", "run_dir", str(tmp_path / "run"), "--no-progress-bar"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = pd.read_csv(tmp_path / "run" / "metrics" / "pretrain.csv")
+    assert set(log["backbone"]) == {"dino"} and log["epoch"].max() >= 1
+    assert (tmp_path / "run" / "checkpoints" / "dino" / "backbone.pt").is_file()
