@@ -86,8 +86,11 @@ def check_root(root: Path, what: str) -> Path:
     return root
 
 
-def find_dirs(root: Path, pattern: re.Pattern, max_depth: int = 3) -> list[Path]:
-    """Folders under ``root`` (depth <= max_depth) whose name matches; matched folders are not descended."""
+def _breadth_first(root: Path, pattern: re.Pattern, max_depth: int, dirs: bool) -> list[Path]:
+    """Entries under ``root`` (depth <= max_depth, hidden folders skipped) whose name matches, shallowest first.
+
+    With ``dirs`` the matches are folders (and are not descended into); otherwise files.
+    """
     found, level = [], [Path(root)]
     for _ in range(max_depth + 1):
         nxt = []
@@ -97,30 +100,23 @@ def find_dirs(root: Path, pattern: re.Pattern, max_depth: int = 3) -> list[Path]
             except OSError:
                 continue
             for entry in entries:
-                if not entry.is_dir() or entry.name.startswith("."):
-                    continue
-                (found if pattern.match(entry.name) else nxt).append(Path(entry.path))
+                is_dir = entry.is_dir()
+                if is_dir == dirs and pattern.match(entry.name):
+                    found.append(Path(entry.path))
+                elif is_dir and not entry.name.startswith("."):
+                    nxt.append(Path(entry.path))
         level = nxt
     return found
+
+
+def find_dirs(root: Path, pattern: re.Pattern, max_depth: int = 3) -> list[Path]:
+    """Folders under ``root`` (depth <= max_depth) whose name matches; matched folders are not descended."""
+    return _breadth_first(root, pattern, max_depth, dirs=True)
 
 
 def find_files(root: Path, pattern: re.Pattern, max_depth: int = 3) -> list[Path]:
     """Files under ``root`` (depth <= max_depth) whose name matches, shallowest first."""
-    found, level = [], [Path(root)]
-    for _ in range(max_depth + 1):
-        nxt = []
-        for folder in level:
-            try:
-                entries = sorted(os.scandir(folder), key=lambda e: e.name)
-            except OSError:
-                continue
-            for entry in entries:
-                if entry.is_file() and pattern.match(entry.name):
-                    found.append(Path(entry.path))
-                elif entry.is_dir() and not entry.name.startswith("."):
-                    nxt.append(Path(entry.path))
-        level = nxt
-    return found
+    return _breadth_first(root, pattern, max_depth, dirs=False)
 
 
 def find_nifti(folder: Path, stem: str) -> Path | None:
