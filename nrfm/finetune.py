@@ -167,7 +167,7 @@ def fit(backbone: nn.Module, inputs: Tensor, manifest: pd.DataFrame, train_rows:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW([{"params": list(model.heads.parameters()), "lr": cfg.lr},
                                    {"params": trainable, "lr": cfg.lr * cfg.backbone_lr_scale}],
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, foreach=True)  # one fused update, not per tensor
     generator = torch.Generator().manual_seed(seed)
     val_y = manifest.iloc[val_rows]
     history, best, best_state, best_epoch = [], -np.inf, None, 0
