@@ -243,10 +243,10 @@ def spread(frame: pd.DataFrame, keys: list[str], values: list[str]) -> pd.DataFr
 
 def site_invariance_verdicts(table: pd.DataFrame | None) -> pd.DataFrame:
     """Paper: DRO-tuned embeddings mix sites more, i.e. a lower PCA-silhouette by site than ERM-tuned ones."""
-    if table is None or table.empty or "pca_silhouette_site_ci_low" not in table:
+    if table is None or table.empty or "pca_silhouette_ci_low" not in table:
         return pd.DataFrame()
-    return direction_verdicts(table, "pca_silhouette_site", "pca_silhouette_site_ci_low",
-                              "pca_silhouette_site_ci_high", "backbone", lambda a, b: a < b,
+    return direction_verdicts(table, "pca_silhouette_site", "pca_silhouette_ci_low", "pca_silhouette_ci_high",
+                              "backbone", lambda a, b: a < b,
                               "DRO embeddings mix sites more (lower PCA-silhouette by site)")
 
 

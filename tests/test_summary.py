@@ -86,3 +86,18 @@ def test_sweep_collection_and_spread(tmp_path):
     spread = summary.spread(frame, ["backbone", "objective"], ["auc"]).iloc[0]
     assert spread["auc_mean"] == pytest.approx(0.7) and spread["auc_sd"] == pytest.approx(0.1)
     assert spread["runs"] == 3
+
+
+def test_site_invariance_verdict_reads_the_stage_table():
+    table = pd.DataFrame([
+        {"backbone": "byol", "stage": "erm", "pca_silhouette_site": 0.30, "pca_silhouette_ci_low": 0.25,
+         "pca_silhouette_ci_high": 0.35},
+        {"backbone": "byol", "stage": "dro", "pca_silhouette_site": 0.10, "pca_silhouette_ci_low": 0.05,
+         "pca_silhouette_ci_high": 0.15},
+        {"backbone": "byol", "stage": "pretrained", "pca_silhouette_site": 0.5, "pca_silhouette_ci_low": 0.4,
+         "pca_silhouette_ci_high": 0.6}])
+    verdict = summary.site_invariance_verdicts(table)
+    assert verdict["verdict"].tolist() == ["reproduced"] and verdict["delta"].iloc[0] == pytest.approx(-0.2)
+    table.loc[table["stage"] == "dro", ["pca_silhouette_site", "pca_silhouette_ci_low", "pca_silhouette_ci_high"]] = \
+        [0.5, 0.45, 0.55]
+    assert summary.site_invariance_verdicts(table)["verdict"].tolist() == ["not reproduced"]
