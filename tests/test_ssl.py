@@ -85,10 +85,10 @@ def test_moco_loss_is_infonce_against_the_queue_and_enqueues_keys():
         logits = torch.cat([(q * k).sum(1, keepdim=True), q @ negatives.T], dim=1) / 0.2
         return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long))
 
-    # the first direction enqueues k1 before the second direction reads the queue
-    queue_after_k1 = torch.cat([F.normalize(k1.detach(), dim=1), queue[4:]])
-    expected = 0.5 * (infonce(q0, k1, queue) + infonce(q1, k0, queue_after_k1))
+    # both directions read the queue as it was before the step (no subject meets its own key as a negative)
+    expected = 0.5 * (infonce(q0, k1, queue) + infonce(q1, k0, queue))
     assert moco.loss(q0, k1, q1, k0).item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(bank.bank[:4], F.normalize(k1.detach(), dim=1))
     torch.testing.assert_close(bank.bank[4:8], F.normalize(k0.detach(), dim=1))
     assert int(bank.bank_ptr) == 0  # 8 keys filled the queue of 8 and the pointer wrapped
 

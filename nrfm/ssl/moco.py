@@ -76,9 +76,12 @@ class MoCo(SSLMethod):
         return batch_unshuffle(k, order)
 
     def loss(self, q0: Tensor, k1: Tensor, q1: Tensor, k0: Tensor) -> Tensor:
-        """Symmetrised InfoNCE in float32 (each call enqueues its keys)."""
+        """Symmetrised InfoNCE in float32: both directions in one call, so both read the queue as it was before
+        this step (two calls would let the second direction meet its own subject's key, enqueued by the first,
+        among its negatives), then both key sets are enqueued. The mean over the 2B queries is
+        0.5 * (InfoNCE(q0, k1) + InfoNCE(q1, k0))."""
         with fp32_loss(q0):
-            return 0.5 * (self.criterion(q0.float(), k1.float()) + self.criterion(q1.float(), k0.float()))
+            return self.criterion(torch.cat([q0, q1]).float(), torch.cat([k1, k0]).float())
 
     def training_step(self, views: Sequence[Tensor]) -> Tensor:
         x0, x1 = views[0], views[1]
