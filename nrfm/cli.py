@@ -1,4 +1,7 @@
-"""The ``nrfm`` command line: synth, validate, import, run, bench.
+"""The ``nrfm`` command line: synth, validate, import, run, bench, and the stages pretrain / finetune.
+
+``nrfm pretrain`` and ``nrfm finetune`` run one stage of a run folder; they are what
+``torchrun --nproc_per_node N -m nrfm pretrain ...`` launches (see :mod:`nrfm.distributed`).
 
 Every subcommand has ``--help``. Errors a user can cause print one line, ``nrfm: error: <where>: <what>``,
 and exit with status 2; an interrupted command exits with 130.
@@ -82,6 +85,61 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_stage(args: argparse.Namespace):
+    """Open the run on rank 0 first (it may generate the cohort, freeze the splits, fill the cache), then on the rest."""
+    import torch
+
+    from nrfm import distributed
+    from nrfm.config import load_config
+    from nrfm.context import REPO_ROOT, open_run, resolve_path
+
+    cfg = load_config(resolve_path(args.config, REPO_ROOT))
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    d = distributed.init_from_env(use_cuda)
+    ctx = None
+    if d.is_main:
+        ctx = open_run(cfg, args.run_dir, progress=not args.quiet)
+        ctx.dataset(progress=not args.quiet)
+    distributed.barrier()
+    if ctx is None:
+        ctx = open_run(cfg, args.run_dir, progress=False)
+        ctx.dataset(progress=False)
+    return ctx, d
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from nrfm import distributed
+    from nrfm.pretrain import run_pretraining_stage
+
+    try:
+        ctx, d = _open_stage(args)
+        result = run_pretraining_stage(ctx, args.method, progress=not args.quiet)
+        if d.is_main:
+            print(f"{args.method}: {result.checkpoint} ({d.world_size} process(es))")
+    finally:
+        distributed.teardown()
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from nrfm import distributed
+    from nrfm.finetune import run_finetune_stage
+    from nrfm.pretrain import ensure_pretrained
+
+    try:
+        ctx, d = _open_stage(args)
+        backbone = ensure_pretrained(ctx, args.method, progress=not args.quiet)  # DDP on every rank if missing
+        if d.is_main:  # fine-tuning runs on cached features on rank 0; the others wait (see nrfm.distributed)
+            result = run_finetune_stage(ctx, args.method, args.objective, args.protocol, backbone=backbone,
+                                        progress=not args.quiet)
+            print(f"{args.method}/{args.objective}/{args.protocol}: {result.predictions_path} "
+                  f"({result.seconds:.1f} s)")
+        distributed.barrier()
+    finally:
+        distributed.teardown()
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from nrfm.bench import run_benchmarks
 
@@ -153,6 +211,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run after its last completed notebook")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
+
+    from nrfm.config import OBJECTIVES, PROTOCOLS, SSL_METHODS
+
+    for name, text in (("pretrain", "pretrain one SSL backbone in a run folder (what torchrun launches)"),
+                       ("finetune", "fine-tune one backbone with one objective and protocol in a run folder")):
+        p = sub.add_parser(name, help=text,
+                           description=f"{text[0].upper()}{text[1:]}. Under `torchrun --nproc_per_node N -m nrfm "
+                                       f"{name} ...` it runs on N processes (DistributedDataParallel for pretraining;"
+                                       " fine-tuning on rank 0 while the others wait).")
+        p.add_argument("--config", default="configs/default.yaml", help="YAML config")
+        p.add_argument("--run-dir", required=True, help="run folder (created if missing; shared by all processes)")
+        p.add_argument("--method", required=True, choices=SSL_METHODS, help="SSL method / backbone")
+        if name == "finetune":
+            p.add_argument("--objective", default="erm", choices=OBJECTIVES, help="training objective")
+            p.add_argument("--protocol", default="pooled", choices=PROTOCOLS, help="evaluation protocol")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.set_defaults(func=cmd_pretrain if name == "pretrain" else cmd_finetune)
 
     p = sub.add_parser("bench", help="measure throughput, FLOP/s, loader speed and pipeline wall time",
                        description="Benchmarks, in one process on the same data: the fast training path against a "

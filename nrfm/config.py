@@ -125,7 +125,8 @@ class PretrainingConfig:
     moco_memory_bank: int = 128  # MoCo v2 negatives in the queue (paper 65536; keep below the train-set size)
     mae_decoder_hidden_size: int = 96  # MAE decoder width (paper 512)
     mae_decoder_layers: int = 2  # MAE decoder blocks (paper 8)
-    batch_augment: bool = True  # intensity/affine/blur/noise augmentation on the batch in torch (else per sample in MONAI)
+    batch_augment: bool = True  # intensity/affine/blur/noise augmentation in torch (else per sample in MONAI)
+    augment_on: str = "loader"  # where the torch augmentation runs: loader (workers, per view) | device (whole batch)
 
     def _check(self) -> None:
         _subset(self.methods, SSL_METHODS, "methods")
@@ -145,6 +146,8 @@ class PretrainingConfig:
         _require(self.n_local_views >= 0, "n_local_views", "must be >= 0")
         _require(self.num_workers >= 0, "num_workers", "must be >= 0")
         _require(self.threads >= 0, "threads", "must be >= 0")
+        _require(self.augment_on in ("loader", "device"), "augment_on",
+                 f"unknown place {self.augment_on!r}; valid: ['loader', 'device']")
         _require(self.monitor_endpoint in BINARY_ENDPOINTS, "monitor_endpoint",
                  f"unknown endpoint {self.monitor_endpoint!r}; valid: {list(BINARY_ENDPOINTS)}")
         _require(self.cnn_stem_stride in (1, 2), "cnn_stem_stride", f"must be 1 or 2, got {self.cnn_stem_stride}")

@@ -9,6 +9,12 @@ per step). Losses accumulate on the device; the host reads them every
 synchronise on every step. A non-finite loss stops the run with a :class:`~nrfm.errors.TrainingError`
 before anything is saved.
 
+The fast path (each part a config switch, measured by ``nrfm bench``): bf16 autocast on CPU and CUDA,
+``channels_last_3d``, views cropped and augmented in DataLoader workers from the preprocessed cache while
+the step runs (:mod:`nrfm.views`), no per-step host synchronisation, and intra-op threads set to the
+cores available per process (``threads: 0``). Under ``torchrun`` the loop runs DistributedDataParallel
+with synced batch norm and rank-0-only output (:mod:`nrfm.distributed`); ``batch_size`` is the global batch.
+
 Only TRAIN subjects are used: pretraining needs no labels, but the test subjects must stay unseen by every
 fitted part of the pipeline, and val subjects score the representation monitor (:mod:`nrfm.monitor`).
 
@@ -39,6 +45,7 @@ from lightly.utils.scheduler import cosine_warmup_schedule
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from nrfm import distributed
 from nrfm.backbones import Backbone, backbone_arch, build_backbone
 from nrfm.config import SSL_METHODS, Config
 from nrfm.errors import CheckpointError, ConfigError, TrainingError
@@ -65,7 +72,7 @@ class PretrainResult:
 def pretrain_fingerprint(cfg: Config, method: str, train_ids: Sequence[str]) -> str:
     """sha256 of everything that changes a pretraining result (not worker/thread counts or the method list)."""
     pre = dataclasses.asdict(cfg.pretraining)
-    for key in ("methods", "num_workers", "threads"):
+    for key in ("methods", "num_workers", "threads", "augment_on"):
         pre.pop(key)
     data = {"method": method, "seed": cfg.seed, "pretraining": pre,
             "preprocessing": {k: v for k, v in dataclasses.asdict(cfg.preprocessing).items() if k != "cache_dir"},
@@ -73,9 +80,23 @@ def pretrain_fingerprint(cfg: Config, method: str, train_ids: Sequence[str]) -> 
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=list).encode()).hexdigest()
 
 
+def available_cores() -> int:
+    """Cores this process may use (its CPU affinity, else ``os.cpu_count``), shared among local DDP ranks."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores // distributed.info().local_world_size)
+
+
 def configure_threads(threads: int, num_workers: int) -> int:
-    """Set torch intra-op threads: ``threads`` or, if 0, every core (loader workers use one thread each)."""
-    n = threads or max(1, os.cpu_count() or 1)
+    """Set torch intra-op threads: ``threads`` or, if 0, this process's share of the cores minus its loader workers.
+
+    Each loader worker keeps one core busy while the step runs; giving the step those cores as well
+    oversubscribes them, and OpenMP threads that spin-wait for a descheduled sibling make a bf16 step
+    several times slower (measured on 2 cores: 120 ms with 1 thread beside a worker, 1-4 s with 2).
+    """
+    n = threads or max(1, available_cores() - num_workers)
     torch.set_num_threads(n)
     return n
 
@@ -86,13 +107,21 @@ def _worker_init(_: int) -> None:
 
 def make_loader(dataset: Dataset, indices: Sequence[int], method: str, cfg: Config,
                 device: torch.device, num_replicas: int = 1, rank: int = 0) -> tuple[DataLoader, EpochSampler]:
-    """DataLoader of ``(views, index)`` batches over ``indices`` and its :class:`EpochSampler` (call ``set_epoch``)."""
+    """DataLoader of ``(views, index)`` batches over ``indices`` and its :class:`EpochSampler` (call ``set_epoch``).
+
+    ``pretraining.batch_size`` is the global batch; each of ``num_replicas`` processes loads its share.
+    """
     pcfg = cfg.pretraining
+    if pcfg.batch_size % num_replicas:
+        raise ConfigError(f"{cfg.source}: pretraining.batch_size: {pcfg.batch_size} (the global batch) must be a "
+                          f"multiple of the {num_replicas} processes")
+    local_batch = pcfg.batch_size // num_replicas
     sample_views = SampleViews(view_recipe(method, pcfg), pcfg.view_size, pcfg.local_view_size,
-                               full_monai=not pcfg.batch_augment)
-    sampler = EpochSampler(indices, cfg.seed, pcfg.batch_size, num_replicas, rank)
+                               full_monai=not pcfg.batch_augment,
+                               torch_augment=pcfg.batch_augment and pcfg.augment_on == "loader")
+    sampler = EpochSampler(indices, cfg.seed, local_batch, num_replicas, rank)
     workers = pcfg.num_workers
-    loader = DataLoader(ViewDataset(dataset, sample_views, cfg.seed), batch_size=pcfg.batch_size, sampler=sampler,
+    loader = DataLoader(ViewDataset(dataset, sample_views, cfg.seed), batch_size=local_batch, sampler=sampler,
                         num_workers=workers, persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
                         pin_memory=device.type == "cuda", worker_init_fn=_worker_init if workers else None,
                         generator=torch.Generator().manual_seed(cfg.seed))
@@ -106,9 +135,9 @@ def _note(scores: dict[str, float], prefix: str = "") -> str:
     return "; ".join(part for part in (prefix, reason) if part)
 
 
-def _seed_epoch(seed: int, epoch: int) -> None:
-    """Global RNGs (masks, batch shuffles) for one epoch, from (seed, epoch) only."""
-    s = _item_seed(seed, epoch, 31337)
+def _seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
+    """Global RNGs (masks, batch shuffles) for one epoch, from (seed, epoch) and, for ranks > 0, the rank."""
+    s = _item_seed(seed, epoch, 31337, *([rank] if rank else []))
     torch.manual_seed(s)
     np.random.seed(s)
     random.seed(s)
@@ -160,7 +189,7 @@ def train_method(method_name: str, cfg: Config, dataset: Dataset, manifest: pd.D
     Returns:
         :class:`PretrainResult` with one log row per epoch (epoch 0 = the random-init monitor baseline).
     """
-    pcfg, device = cfg.pretraining, torch.device(device)
+    pcfg, device = cfg.pretraining, distributed.process_device(torch.device(device))
     checkpoint_dir = Path(checkpoint_dir)
     arch = backbone_arch(method_name, pcfg)
     train_idx = np.flatnonzero(manifest["split"].astype(str).to_numpy() == "train")
@@ -186,21 +215,31 @@ def _train(method_name: str, cfg: Config, dataset: Dataset, manifest: pd.DataFra
            device: torch.device, progress: bool, step_callback: Callable[[int, int], None] | None, arch: str,
            train_idx: np.ndarray, volume: tuple[int, ...], fingerprint: str) -> PretrainResult:
     pcfg = cfg.pretraining
+    dinfo = distributed.info()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed view sizes: pick the fastest convolution once
 
-    torch.manual_seed(cfg.seed)  # initial weights (and MoCo's initial queue) depend on the seed only
+    torch.manual_seed(cfg.seed)  # initial weights (and MoCo's initial queue) depend on the seed only, on every rank
     backbone = build_backbone(method_name, pcfg, volume)
-    method = build_method(method_name, backbone, pcfg).to(device)
+    method = build_method(method_name, backbone, pcfg)
+    if dinfo.enabled:
+        method = distributed.convert_sync_batchnorm(method, device)
+        for module in method.modules():  # lightly's MoCo memory bank / NT-Xent: keys of the global batch
+            if hasattr(module, "gather_distributed"):
+                module.gather_distributed = True
+    method = method.to(device)
     if pcfg.channels_last:
         method = method.to(memory_format=torch.channels_last_3d)
     optimizer = _optimizer(method, cfg)
     monitor = RepresentationMonitor(dataset, manifest, pcfg.monitor_endpoint, pcfg.monitor_c, device, pcfg.bf16,
                                     pcfg.channels_last)
-    loader, sampler = make_loader(dataset, train_idx, method_name, cfg, device)
-    steps_per_epoch = len(sampler) // pcfg.batch_size
+    loader, sampler = make_loader(dataset, train_idx, method_name, cfg, device, dinfo.world_size, dinfo.rank)
+    steps_per_epoch = len(sampler) // (pcfg.batch_size // dinfo.world_size)
     total_steps = pcfg.epochs * steps_per_epoch
     warmup_steps = min(pcfg.warmup_epochs * steps_per_epoch, total_steps)
     recipe = view_recipe(method_name, pcfg)
-    augment = BatchAugment() if (recipe.strong and pcfg.batch_augment) else None
+    on_device = pcfg.batch_augment and pcfg.augment_on == "device"
+    augment = BatchAugment() if (recipe.strong and on_device) else None
 
     last = checkpoint_dir / "last.pt"
     rows: list[dict] = []
@@ -210,17 +249,19 @@ def _train(method_name: str, cfg: Config, dataset: Dataset, manifest: pd.DataFra
         _load_state(method, ckpt["model"], last)
         optimizer.load_state_dict(ckpt["optimizer"])
         rows, start_epoch = list(ckpt["log"]), int(ckpt["epoch"])
-    else:
+    elif dinfo.is_main:  # the monitor and the log are rank 0's; the other ranks wait at the barrier below
         scores = monitor(method.backbone)
         rows.append({"backbone": method_name, "epoch": 0, "loss": float("nan"), "volumes_per_s": float("nan"),
                      **scores, "epoch_seconds": 0.0,
                      "note": _note(scores, "random initialisation (before training): monitor baseline, no loss")})
+    distributed.barrier()
+    model = distributed.wrap_ddp(method, device)
 
-    bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, disable=not progress,
+    bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, disable=not (progress and dinfo.is_main),
                desc=f"pretrain {method_name}", unit="step")
     method.train()
     for epoch in range(start_epoch, pcfg.epochs):
-        _seed_epoch(cfg.seed, epoch)
+        _seed_epoch(cfg.seed, epoch, dinfo.rank)
         sampler.set_epoch(epoch)
         loss_sum = torch.zeros((), device=device)
         t0 = time.perf_counter()
@@ -231,13 +272,14 @@ def _train(method_name: str, cfg: Config, dataset: Dataset, manifest: pd.DataFra
                 group["lr"] = lr
             views = [v.to(device, non_blocking=True) for v in batch["views"]]
             if augment is not None:
-                gen = batch_generator(cfg.seed, epoch, step, device)
+                # one stream per (step, rank): ranks must not draw the same jitter for their different samples
+                gen = batch_generator(cfg.seed, epoch, step * dinfo.world_size + dinfo.rank, device)
                 views = [augment(v, gen) for v in views]
             if pcfg.channels_last:
                 views = [v.contiguous(memory_format=torch.channels_last_3d) for v in views]
             method.on_step(step, total_steps)
             with autocast_context(device, pcfg.bf16):
-                loss = method(views)
+                loss = model(views)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             method.after_backward(step, total_steps)
@@ -247,7 +289,7 @@ def _train(method_name: str, cfg: Config, dataset: Dataset, manifest: pd.DataFra
             loss_sum += loss.detach().float()
             bar.update(1)
             if (step_in_epoch + 1) % SYNC_EVERY == 0 or step_in_epoch + 1 == steps_per_epoch:
-                running = (loss_sum / (step_in_epoch + 1)).item()
+                running = distributed.all_reduce_mean(loss_sum / (step_in_epoch + 1)).item()
                 if not np.isfinite(running):
                     raise TrainingError(f"{method_name}: non-finite loss at epoch {epoch + 1}, step {step_in_epoch + 1}"
                                         f" (lr {lr:.2e}); the last good checkpoint is {last}; lower pretraining.lr "
@@ -256,18 +298,23 @@ def _train(method_name: str, cfg: Config, dataset: Dataset, manifest: pd.DataFra
             if step_callback is not None:
                 step_callback(epoch, step_in_epoch)
         seconds = time.perf_counter() - t0
-        scores = monitor(method.backbone)
-        rows.append({"backbone": method_name, "epoch": epoch + 1, "loss": float((loss_sum / steps_per_epoch).item()),
-                     "volumes_per_s": steps_per_epoch * pcfg.batch_size / seconds, **scores,
-                     "epoch_seconds": seconds, "note": _note(scores)})
-        atomic_torch_save(last, {"format": CHECKPOINT_FORMAT, "method": method_name, "arch": arch,
-                                 "fingerprint": fingerprint, "epoch": epoch + 1, "model": method.state_dict(),
-                                 "optimizer": optimizer.state_dict(), "log": rows})
+        epoch_loss = float(distributed.all_reduce_mean(loss_sum / steps_per_epoch).item())
+        if dinfo.is_main:
+            scores = monitor(method.backbone)
+            rows.append({"backbone": method_name, "epoch": epoch + 1, "loss": epoch_loss,
+                         "volumes_per_s": steps_per_epoch * pcfg.batch_size / seconds, **scores,
+                         "epoch_seconds": seconds, "note": _note(scores)})
+            atomic_torch_save(last, {"format": CHECKPOINT_FORMAT, "method": method_name, "arch": arch,
+                                     "fingerprint": fingerprint, "epoch": epoch + 1, "model": method.state_dict(),
+                                     "optimizer": optimizer.state_dict(), "log": rows})
+        distributed.barrier()
     bar.close()
     final = checkpoint_dir / "backbone.pt"
-    atomic_torch_save(final, {"format": CHECKPOINT_FORMAT, "method": method_name, "arch": arch,
-                              "fingerprint": fingerprint, "epoch": pcfg.epochs, "input_size": list(volume),
-                              "model": method.backbone.state_dict(), "log": rows})
+    if dinfo.is_main:
+        atomic_torch_save(final, {"format": CHECKPOINT_FORMAT, "method": method_name, "arch": arch,
+                                  "fingerprint": fingerprint, "epoch": pcfg.epochs, "input_size": list(volume),
+                                  "model": method.backbone.state_dict(), "log": rows})
+    distributed.barrier()  # every rank may read the final checkpoint once this returns
     return PretrainResult(method_name, pd.DataFrame(rows), final)
 
 
@@ -306,14 +353,18 @@ def run_pretraining_stage(ctx, method: str, progress: bool = True) -> PretrainRe
     else:
         result = train_method(method, ctx.config, ctx.dataset(progress=progress), ctx.manifest, folder, ctx.device,
                               progress=progress)
-    ctx.write_metrics("pretrain", result.log, ["backbone", "epoch"])
+        if distributed.info().enabled:  # only rank 0 kept the log; every rank returns the same result
+            result = PretrainResult(method, pd.DataFrame(safe_torch_load(final)["log"]), final)
+    if distributed.info().is_main:
+        ctx.write_metrics("pretrain", result.log, ["backbone", "epoch"])
+    distributed.barrier()
     return result
 
 
 def ensure_pretrained(ctx, method: str, progress: bool = True) -> Backbone:
     """The pretrained backbone of ``method`` (pretraining first, or resuming, if its final checkpoint is missing)."""
     result = run_pretraining_stage(ctx, method, progress=progress)
-    return load_backbone(result.checkpoint, ctx.config, method).to(ctx.device)
+    return load_backbone(result.checkpoint, ctx.config, method).to(distributed.process_device(ctx.device))
 
 
 def random_init_monitor(ctx, method: str) -> dict[str, float]:
