@@ -150,3 +150,20 @@ def test_a_notebook_runs_alone_with_papermill(tmp_path):
     log = pd.read_csv(tmp_path / "run" / "metrics" / "pretrain.csv")
     assert set(log["backbone"]) == {"dino"} and log["epoch"].max() >= 1
     assert (tmp_path / "run" / "checkpoints" / "dino" / "backbone.pt").is_file()
+
+
+def test_three_seed_sweep_shows_mean_and_spread(hermetic):
+    from nrfm.runner import sweep_run
+
+    overrides, base = hermetic
+    outcome = sweep_run(SMOKE, ["backbone=byol", "seed=0,1,2"], out=base / "sweeps",
+                        overrides={**overrides, "finetuning.protocols": ["pooled"]}, progress=False)
+    children = sorted(p.parent for p in (outcome.run_dir / "runs").glob("*/run.json"))
+    assert len(children) == 3
+    assert all(json.loads((c / "run.json").read_text())["status"] == "complete" for c in children)
+    assert sorted(json.loads((c / "run.json").read_text())["seed"] for c in children) == [0, 1, 2]
+    verdicts = pd.read_csv(outcome.run_dir / "metrics" / "verdicts.csv")
+    assert verdicts["run"].nunique() == 3 and set(verdicts["backbone"]) == {"byol"}
+    page = outcome.report.read_text()
+    assert "auc_mean" in page and "auc_sd" in page and "delta_sd" in page
+    assert all(c.name in page for c in children)
