@@ -20,7 +20,7 @@ from nrfm.runner import start_run
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.yaml"
 NOTEBOOKS = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-TIMING_COLUMNS = {"volumes_per_s", "seconds", "wall_seconds"}  # measured speed, not results
+TIMING_COLUMNS = {"volumes_per_s", "seconds", "wall_seconds", "epoch_seconds"}  # measured speed, not results
 
 
 @pytest.fixture(scope="session")
@@ -58,8 +58,9 @@ class _Page(HTMLParser):
         if "id" in attrs:
             self.ids.add(attrs["id"])
         if tag == "img":
-            assert attrs.get("src", "").startswith("data:image/png;base64,"), "figures must be embedded"
-            self.images += 1
+            src = attrs.get("src", "")
+            assert src.startswith(("data:image/png;base64,", "data:image/svg+xml;base64,")), "must be embedded"
+            self.images += src.startswith("data:image/png")  # figures (SVG images are rendered equations)
         if tag == "table":
             self.tables += 1
         if tag in ("script", "link"):
