@@ -12,12 +12,7 @@ CFG = PretrainingConfig(cnn_width=4, vit_patch_size=4, vit_hidden_size=24, vit_l
                         mae_decoder_hidden_size=12)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("method, dim, arch", [("byol", 32, "resnet10"), ("dino", 32, "resnet10"),

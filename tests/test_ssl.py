@@ -19,13 +19,7 @@ CFG = PretrainingConfig(cnn_width=4, head_hidden_dim=16, head_out_dim=8, dino_ou
                         mae_decoder_layers=1, moco_memory_bank=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine more threads spin-wait for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(method: str, cfg: PretrainingConfig = CFG, size=(12, 12, 12)):
