@@ -96,6 +96,7 @@ def _execute(notebook: Path, run_dir: Path, config_file: Path, progress: bool, e
         str(notebook), str(out),
         parameters={"config": str(config_file), "run_dir": str(run_dir), **extra},
         kernel_name="python3", progress_bar=progress, cwd=str(REPO_ROOT), log_output=False,
+        extra_arguments=["--IPKernelApp.log_level=ERROR"],  # the kernel's transport notice is not the user's concern
     )
 
 
