@@ -138,6 +138,17 @@ class ResNetBackbone(Backbone):
         return getattr(self.net, name), None
 
 
+def cached_sincos_embedding(cache: dict, grid: Sequence[int], dim: int, device: torch.device) -> Tensor:
+    """(1, N, dim) fixed 3D sine-cosine position embedding of a patch grid, memoised in ``cache``."""
+    key = (*grid, dim, hash(device))
+    if key not in cache:
+        with warnings.catch_warnings():  # MONAI calls torch.meshgrid without indexing=
+            warnings.simplefilter("ignore", UserWarning)
+            pos = build_sincos_position_embedding(list(grid), dim, spatial_dims=3).detach()
+        cache[key] = pos.to(device)
+    return cache[key]
+
+
 class ViTBackbone(Backbone):
     """MONAI 3D ViT encoder on cubic patches with fixed sine-cosine position embeddings.
 
@@ -175,13 +186,7 @@ class ViTBackbone(Backbone):
 
     def position_embedding(self, grid: Sequence[int], device: torch.device) -> Tensor:
         """(1, N, hidden) fixed sine-cosine embedding of a patch grid (cached per grid and device)."""
-        key = (*grid, hash(device))
-        if key not in self._pos_cache:
-            with warnings.catch_warnings():  # MONAI calls torch.meshgrid without indexing=
-                warnings.simplefilter("ignore", UserWarning)
-                pos = build_sincos_position_embedding(list(grid), self.embed_dim, spatial_dims=3).detach()
-            self._pos_cache[key] = pos.to(device)
-        return self._pos_cache[key]
+        return cached_sincos_embedding(self._pos_cache, grid, self.embed_dim, device)
 
     def tokens(self, x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
         """Patch tokens with position embedding: (B, 4, D, H, W) -> ((B, N, hidden), grid)."""

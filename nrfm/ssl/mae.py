@@ -14,15 +14,14 @@ Departures (CPU budget): encoder and decoder sizes from the config (paper ViT-B/
 """
 from __future__ import annotations
 
-import warnings
 from typing import Sequence
 
 import torch
 from lightly.models.utils import get_at_index, random_token_mask, set_at_index
 from monai.networks.blocks import TransformerBlock
-from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 from torch import Tensor, nn
 
+from nrfm.backbones import cached_sincos_embedding
 from nrfm.ssl import SSLMethod, fp32_loss
 
 
@@ -84,13 +83,7 @@ class MAE(SSLMethod):
         self._pos_cache: dict[tuple, Tensor] = {}
 
     def _decoder_position(self, grid: Sequence[int], device: torch.device) -> Tensor:
-        key = (*grid, hash(device))
-        if key not in self._pos_cache:
-            with warnings.catch_warnings():  # MONAI calls torch.meshgrid without indexing=
-                warnings.simplefilter("ignore", UserWarning)
-                pos = build_sincos_position_embedding(list(grid), self.decoder_hidden_size, spatial_dims=3).detach()
-            self._pos_cache[key] = pos.to(device)
-        return self._pos_cache[key]
+        return cached_sincos_embedding(self._pos_cache, grid, self.decoder_hidden_size, device)
 
     def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mask, encode, decode: (B, 4, D, H, W) -> (pred (B, N, P), idx_keep (B, n_keep), idx_mask (B, n_mask))."""
