@@ -34,8 +34,9 @@ def notebooks(tmp_path):
     _notebook(folder / "00_first.ipynb",
               "from pathlib import Path\nPath(run_dir, 'first.txt').write_text(config)\nprint('first ran')")
     _notebook(folder / "01_second.ipynb",
-              "import time, os\ntime.sleep(float(os.environ.get('NRFM_TEST_SLEEP', '0')))\n"
-              "from pathlib import Path\nPath(run_dir, 'second.txt').write_text('ok')")
+              "import time, os\nfrom pathlib import Path\nPath(run_dir, 'second_started.txt').write_text('')\n"
+              "time.sleep(float(os.environ.get('NRFM_TEST_SLEEP', '0')))\n"
+              "Path(run_dir, 'second.txt').write_text('ok')")
     return folder
 
 
@@ -78,9 +79,9 @@ def test_sigterm_marks_incomplete_and_resume_continues(tmp_path, notebooks):
                              "--notebooks", str(notebooks), "--quiet"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("*/first.txt")):
-        time.sleep(0.5)
-    time.sleep(3)  # inside the second notebook's sleep
+    while time.time() < deadline and not list(out.glob("*/second_started.txt")):
+        time.sleep(0.5)  # wait until the second notebook is inside its sleep (kernel start is slow on busy CI)
+    assert list(out.glob("*/second_started.txt")), "the second notebook never started"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
