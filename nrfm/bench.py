@@ -207,10 +207,26 @@ def flops_fraction(cfg: Config, volume: Sequence[int], method: str = "byol", dev
         step, flops = _fixed_step(cfg, method, volume, dev)
         seconds = _median_seconds(step, repeats, dev)
         peak = matmul_rate(torch.bfloat16 if cfg.pretraining.bf16 else torch.float32, dev)
+        fp32 = peak if not cfg.pretraining.bf16 else matmul_rate(torch.float32, dev)
     finally:
         torch.set_num_threads(before)
     return {"step_gflop": flops / 1e9, "step_seconds": seconds, "achieved_gflops": flops / seconds / 1e9,
-            "matmul_gflops": peak / 1e9, "flops_fraction_of_matmul": flops / seconds / peak}
+            "matmul_gflops": peak / 1e9, "matmul_gflops_fp32": fp32 / 1e9, "batch_size": cfg.pretraining.batch_size,
+            "flops_fraction_of_matmul": flops / seconds / peak}
+
+
+def speedup_ceiling(throughput_details: dict[str, float], flops_details: dict[str, float]) -> dict[str, float]:
+    """The largest speed-up over the plain loop that the machine allows for this training step.
+
+    A step that ran at 100 % of the same-dtype matmul rate (no step can do better: convolutions and matmuls
+    are the step's FLOPs) would process ``matmul rate / FLOPs per volume`` volumes/s; divided by the plain
+    loop's measured volumes/s this bounds ``pretrain_speedup_vs_baseline`` on the machine.
+    """
+    per_volume = flops_details["step_gflop"] / flops_details["batch_size"]
+    best = flops_details["matmul_gflops"] / per_volume
+    return {"volumes_per_s_at_matmul_peak": best,
+            "pretrain_speedup_ceiling": best / throughput_details["baseline_volumes_per_s"],
+            "bf16_over_fp32_matmul": flops_details["matmul_gflops"] / flops_details["matmul_gflops_fp32"]}
 
 
 # ----------------------------------------------------------------------------------------------- loader
@@ -286,6 +302,8 @@ def run_benchmarks(parts: Sequence[str] = ("throughput", "flops", "loader"), out
             if "flops" in parts:
                 details["flops"] = flops_fraction(cfg, volume, method, device, repeats=3 if quick else 7)
                 record["flops_fraction_of_matmul"] = details["flops"]["flops_fraction_of_matmul"]
+            if "throughput" in details and "flops" in details:
+                details["ceiling"] = speedup_ceiling(details["throughput"], details["flops"])
             if "loader" in parts:
                 rate = loader_rate(cfg, dataset, manifest, method, batches=5 if quick else 20)
                 seconds = details.get("flops", {}).get("step_seconds") or step_seconds(cfg, volume, method, device)
@@ -345,6 +363,11 @@ def format_table(record: dict[str, Any]) -> str:
         rows.append(("pretraining speed-up vs plain loop", num(t["pretrain_speedup_vs_baseline"]) + "x",
                      f"{num(t['nrfm_volumes_per_s'], '{:.1f}')} vs {num(t['baseline_volumes_per_s'], '{:.1f}')} "
                      f"volumes/s ({record['method']})"))
+    if "ceiling" in d:
+        c = d["ceiling"]
+        rows.append(("speed-up if the step ran at the matmul peak", num(c["pretrain_speedup_ceiling"]) + "x",
+                     f"{num(c['volumes_per_s_at_matmul_peak'], '{:.1f}')} volumes/s; bf16 / fp32 matmul rate "
+                     f"{num(c['bf16_over_fp32_matmul'])}x"))
     if "flops" in d:
         f = d["flops"]
         rows.append(("training step FLOP/s / matmul rate", num(f["flops_fraction_of_matmul"]),

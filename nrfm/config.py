@@ -104,6 +104,7 @@ class PretrainingConfig:
     vit_heads: int = 4
     mask_ratio: float = 0.75
     epochs: int = 20
+    mae_epochs: int = 0  # MAE's own epoch count (0 = epochs); MAE needs longer schedules (He et al. 2022, Fig. 7)
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -116,8 +117,9 @@ class PretrainingConfig:
     channels_last: bool = True  # channels_last_3d memory format
     num_workers: int = 1  # DataLoader workers producing views
     threads: int = 0  # torch intra-op threads; 0 = every core (1 is faster on a machine shared with other jobs)
-    monitor_endpoint: str = "idh"  # representation monitor: linear-probe balanced accuracy on this marker and on site
-    monitor_c: float = 0.1  # inverse L2 strength of the monitor's logistic-regression probe (train -> val)
+    monitor_endpoint: str = "idh"  # representation monitor: cross-validated linear-probe AUC on this marker (+ site)
+    monitor_every: int = 1  # score the monitor every this many epochs (always at epoch 0 and the last epoch)
+    monitor_c: float = 0.1  # inverse L2 strength of the monitor's logistic-regression probe (CV on train + val)
     head_hidden_dim: int = 512  # BYOL/MoCo/DINO MLP heads (papers: 4096 / 2048 / 2048)
     head_out_dim: int = 128  # BYOL/MoCo projection output (papers: 256 / 128)
     dino_out_dim: int = 1024  # DINO prototypes K (paper: 65536)
@@ -127,6 +129,10 @@ class PretrainingConfig:
     mae_decoder_layers: int = 2  # MAE decoder blocks (paper 8)
     batch_augment: bool = True  # intensity/affine/blur/noise augmentation in torch (else per sample in MONAI)
     augment_on: str = "loader"  # where the torch augmentation runs: loader (workers, per view) | device (whole batch)
+
+    def epochs_of(self, method: str) -> int:
+        """Pretraining epochs of ``method`` (``mae_epochs`` for MAE when set, else ``epochs``)."""
+        return self.mae_epochs if method == "mae" and self.mae_epochs else self.epochs
 
     def _check(self) -> None:
         _subset(self.methods, SSL_METHODS, "methods")
@@ -151,6 +157,8 @@ class PretrainingConfig:
         _require(self.monitor_endpoint in BINARY_ENDPOINTS, "monitor_endpoint",
                  f"unknown endpoint {self.monitor_endpoint!r}; valid: {list(BINARY_ENDPOINTS)}")
         _require(self.cnn_stem_stride in (1, 2), "cnn_stem_stride", f"must be 1 or 2, got {self.cnn_stem_stride}")
+        _require(self.mae_epochs >= 0, "mae_epochs", f"must be >= 0 (0 = epochs), got {self.mae_epochs}")
+        _require(self.monitor_every >= 1, "monitor_every", f"must be >= 1, got {self.monitor_every}")
         _require(self.monitor_c > 0, "monitor_c", f"must be > 0, got {self.monitor_c}")
         _require(self.head_hidden_dim >= 8 and self.head_out_dim >= 8 and self.dino_out_dim >= 8,
                  "head_hidden_dim", "head_hidden_dim, head_out_dim and dino_out_dim must each be >= 8")

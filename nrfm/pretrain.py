@@ -131,7 +131,7 @@ def make_loader(dataset: Dataset, indices: Sequence[int], method: str, cfg: Conf
 def _note(scores: dict[str, float], prefix: str = "") -> str:
     """Why a monitor column is empty (a split without two classes), appended to ``prefix``."""
     empty = [name for name, value in scores.items() if not np.isfinite(value)]
-    reason = f"{', '.join(empty)}: train or val subjects have fewer than 2 classes" if empty else ""
+    reason = f"{', '.join(empty)}: a class has fewer than 2 train + val subjects" if empty else ""
     return "; ".join(part for part in (prefix, reason) if part)
 
 
@@ -232,10 +232,11 @@ def _train(method_name: str, cfg: Config, dataset: Dataset, manifest: pd.DataFra
         method = method.to(memory_format=torch.channels_last_3d)
     optimizer = _optimizer(method, cfg)
     monitor = RepresentationMonitor(dataset, manifest, pcfg.monitor_endpoint, pcfg.monitor_c, device, pcfg.bf16,
-                                    pcfg.channels_last)
+                                    pcfg.channels_last, seed=cfg.seed)
     loader, sampler = make_loader(dataset, train_idx, method_name, cfg, device, dinfo.world_size, dinfo.rank)
     steps_per_epoch = len(sampler) // (pcfg.batch_size // dinfo.world_size)
-    total_steps = pcfg.epochs * steps_per_epoch
+    epochs = pcfg.epochs_of(method_name)
+    total_steps = epochs * steps_per_epoch
     warmup_steps = min(pcfg.warmup_epochs * steps_per_epoch, total_steps)
     recipe = view_recipe(method_name, pcfg)
     on_device = pcfg.batch_augment and pcfg.augment_on == "device"
@@ -260,7 +261,7 @@ def _train(method_name: str, cfg: Config, dataset: Dataset, manifest: pd.DataFra
     bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, disable=not (progress and dinfo.is_main),
                desc=f"pretrain {method_name}", unit="step")
     method.train()
-    for epoch in range(start_epoch, pcfg.epochs):
+    for epoch in range(start_epoch, epochs):
         _seed_epoch(cfg.seed, epoch, dinfo.rank)
         sampler.set_epoch(epoch)
         loss_sum = torch.zeros((), device=device)
@@ -300,10 +301,12 @@ def _train(method_name: str, cfg: Config, dataset: Dataset, manifest: pd.DataFra
         seconds = time.perf_counter() - t0
         epoch_loss = float(distributed.all_reduce_mean(loss_sum / steps_per_epoch).item())
         if dinfo.is_main:
-            scores = monitor(method.backbone)
+            scored = (epoch + 1) % pcfg.monitor_every == 0 or epoch + 1 == epochs
+            scores = monitor(method.backbone) if scored else dict.fromkeys(monitor.columns, float("nan"))
             rows.append({"backbone": method_name, "epoch": epoch + 1, "loss": epoch_loss,
                          "volumes_per_s": steps_per_epoch * pcfg.batch_size / seconds, **scores,
-                         "epoch_seconds": seconds, "note": _note(scores)})
+                         "epoch_seconds": seconds,
+                         "note": _note(scores) if scored else "monitor not scored this epoch (monitor_every)"})
             atomic_torch_save(last, {"format": CHECKPOINT_FORMAT, "method": method_name, "arch": arch,
                                      "fingerprint": fingerprint, "epoch": epoch + 1, "model": method.state_dict(),
                                      "optimizer": optimizer.state_dict(), "log": rows})
@@ -312,7 +315,7 @@ def _train(method_name: str, cfg: Config, dataset: Dataset, manifest: pd.DataFra
     final = checkpoint_dir / "backbone.pt"
     if dinfo.is_main:
         atomic_torch_save(final, {"format": CHECKPOINT_FORMAT, "method": method_name, "arch": arch,
-                                  "fingerprint": fingerprint, "epoch": pcfg.epochs, "input_size": list(volume),
+                                  "fingerprint": fingerprint, "epoch": epochs, "input_size": list(volume),
                                   "model": method.backbone.state_dict(), "log": rows})
     distributed.barrier()  # every rank may read the final checkpoint once this returns
     return PretrainResult(method_name, pd.DataFrame(rows), final)
@@ -374,5 +377,5 @@ def random_init_monitor(ctx, method: str) -> dict[str, float]:
     torch.manual_seed(ctx.config.seed)
     backbone = build_backbone(method, pcfg, tuple(dataset[0]["image"].shape[1:])).to(ctx.device)
     monitor = RepresentationMonitor(dataset, ctx.manifest, pcfg.monitor_endpoint, pcfg.monitor_c, ctx.device,
-                                    pcfg.bf16, pcfg.channels_last)
+                                    pcfg.bf16, pcfg.channels_last, seed=ctx.config.seed)
     return monitor(backbone)

@@ -49,19 +49,21 @@ def plot_loss_curve(ctx, method: str | None = None):
 
 
 def plot_monitor_curves(ctx, method: str):
-    """Linear-probe balanced accuracy (val subjects) per epoch, with the random-init backbone (epoch 0) as a dashed line."""
+    """Cross-validated linear-probe scores per epoch (marker AUC, site balanced accuracy); random init (epoch 0) dashed."""
     log = _log(ctx, method)
-    columns = [c for c in log.columns if c.startswith("probe_") and c.endswith("_bacc")]
+    columns = [c for c in log.columns if c.startswith("probe_") and c.endswith(("_auc", "_bacc")) and log[c].notna().any()]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     trained, baseline = log[log["epoch"] > 0], log[log["epoch"] == 0]
     for i, column in enumerate(columns):
         color = f"C{i}"
-        label = column.removeprefix("probe_").removesuffix("_bacc")
-        ax.plot(trained["epoch"], trained[column], marker="o", ms=3, color=color, label=f"{label} (pretrained)")
+        name, metric = column.removeprefix("probe_").rsplit("_", 1)
+        label = f"{name} {'AUC' if metric == 'auc' else 'bal. acc.'}"
+        scored = trained[trained[column].notna()]
+        ax.plot(scored["epoch"], scored[column], marker="o", ms=3, color=color, label=f"{label} (pretrained)")
         if not baseline.empty and np.isfinite(baseline[column].iloc[0]):
             ax.axhline(baseline[column].iloc[0], color=color, ls="--", lw=1, label=f"{label} (random init)")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("linear-probe balanced accuracy (val)")
+    ax.set_ylabel("linear probe, 5-fold CV (train + val)")
     ax.set_title(f"Representation monitor: {method}")
     ax.legend(frameon=False, fontsize=7)
     fig.tight_layout()

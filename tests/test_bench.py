@@ -92,3 +92,13 @@ def test_record_keys_merge_and_table(tmp_path):
 def test_unknown_part_lists_the_valid_ones(tmp_path):
     with pytest.raises(ValueError, match=r"unknown benchmark part\(s\) \['warp'\]; valid: \['throughput'"):
         bench.run_benchmarks(parts=["warp"], out_dir=tmp_path)
+
+
+def test_speedup_ceiling_is_the_matmul_peak_over_the_baseline_rate():
+    # 2 GFLOP per step of 16 volumes = 0.125 GFLOP per volume; at 400 GFLOP/s that is 3200 volumes/s at best
+    flops = {"step_gflop": 2.0, "batch_size": 16, "matmul_gflops": 400.0, "matmul_gflops_fp32": 200.0}
+    out = bench.speedup_ceiling({"baseline_volumes_per_s": 800.0}, flops)
+    assert out["volumes_per_s_at_matmul_peak"] == pytest.approx(3200.0)
+    assert out["pretrain_speedup_ceiling"] == pytest.approx(4.0) and out["bf16_over_fp32_matmul"] == pytest.approx(2.0)
+    record = {"machine": bench.machine_record(), "method": "byol", "details": {"ceiling": out}}
+    assert "4.00x" in bench.format_table(record)

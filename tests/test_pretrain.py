@@ -110,10 +110,10 @@ def test_log_rows_monitor_and_reload(data, tmp_path):
     result = train_method("byol", tiny_config(epochs=2), dataset, manifest, tmp_path, progress=False)
     log = result.log
     assert list(log.columns[:4]) == ["backbone", "epoch", "loss", "volumes_per_s"]
-    assert {"probe_idh_bacc", "probe_site_bacc", "note"} <= set(log.columns)
+    assert {"probe_idh_auc", "probe_site_bacc", "note"} <= set(log.columns)
     assert np.isnan(log.loc[0, "loss"]) and "random initialisation" in log.loc[0, "note"]
     assert np.isfinite(log.loc[1:, "loss"]).all() and (log.loc[1:, "volumes_per_s"] > 0).all()
-    assert log[["probe_idh_bacc", "probe_site_bacc"]].apply(lambda c: c.between(0, 1)).all().all()
+    assert log[["probe_idh_auc", "probe_site_bacc"]].apply(lambda c: c.between(0, 1)).all().all()
     backbone = load_backbone(result.checkpoint, tiny_config(epochs=2), "byol")
     assert backbone.embed(torch.zeros(2, 4, SIDE, SIDE, SIDE)).shape == (2, backbone.embed_dim)
     # a finished run is not retrained: calling again returns the same log without touching the weights
@@ -191,7 +191,7 @@ def test_stage_entry_points_metrics_and_figures(data, tmp_path):
     from nrfm.pretrain_plots import plot_example_views, plot_loss_curve, plot_monitor_curves
 
     assert random_init_monitor(ctx, "mae") == pytest.approx(
-        {k: csv.loc[0, k] for k in ("probe_idh_bacc", "probe_site_bacc")}, nan_ok=True)
+        {k: csv.loc[0, k] for k in ("probe_idh_auc", "probe_site_bacc")}, nan_ok=True)
     for fig in (plot_loss_curve(ctx, "mae"), plot_monitor_curves(ctx, "mae"), plot_example_views(ctx, "mae")):
         assert fig.axes
     for name in ("pretrain_loss_mae", "pretrain_monitor_mae", "pretrain_views_mae"):
@@ -244,3 +244,32 @@ def test_epoch_sampler_orders_by_seed_and_epoch_and_splits_ranks():
     assert list(s) == first
     ranks = [list(EpochSampler(range(10), 0, 2, num_replicas=2, rank=r)) for r in (0, 1)]
     assert not {i for _, i in ranks[0]} & {i for _, i in ranks[1]} and all(len(r) == 4 for r in ranks)
+
+
+def test_monitor_probe_scores_follow_a_planted_signal():
+    from nrfm.monitor import probe_auc, probe_balanced_accuracy
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(240) < 0.2).astype(int)
+    noise = rng.standard_normal((240, 16))
+    planted = noise.copy()
+    planted[:, 3] += 4.0 * y
+    assert probe_auc(planted, y) > 0.95
+    assert abs(probe_auc(noise, y) - 0.5) < 0.12
+    sites = np.array(["A", "B", "C"])[rng.integers(0, 3, 240)]
+    offset = noise + 3.0 * (sites == "B")[:, None] - 3.0 * (sites == "C")[:, None]
+    assert probe_balanced_accuracy(offset, sites) > 0.95
+    assert abs(probe_balanced_accuracy(noise, sites) - 1 / 3) < 0.12
+    # too few subjects of a class for 2 folds: NaN, not a crash
+    assert np.isnan(probe_auc(noise[:10], np.r_[1, np.zeros(9, int)]))
+
+
+def test_mae_epochs_and_monitor_every(data, tmp_path):
+    manifest, dataset = data
+    cfg = tiny_config(epochs=1, mae_epochs=3, monitor_every=2, warmup_epochs=0)
+    log = train_method("mae", cfg, dataset, manifest, tmp_path / "mae", progress=False).log
+    assert list(log["epoch"]) == [0, 1, 2, 3]  # mae_epochs, not epochs
+    scored = log["probe_site_bacc"].notna().tolist()
+    assert scored == [True, False, True, True]  # epoch 0, every 2nd, and the last
+    assert "not scored" in log.loc[1, "note"]
+    assert list(train_method("byol", cfg, dataset, manifest, tmp_path / "byol", progress=False).log["epoch"]) == [0, 1]
