@@ -103,7 +103,7 @@ def baseline_loop_rate(cfg: Config, dataset, manifest, method: str = "byol", dev
     model = build_method(method, build_backbone(method, pcfg, volume), pcfg).to(dev)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=pcfg.lr,
                                   weight_decay=pcfg.weight_decay)
-    views = SampleViews(view_recipe(method, pcfg), pcfg.view_size, pcfg.local_view_size, full_monai=True)
+    views = SampleViews(view_recipe(method, pcfg), pcfg.view_size_of(method), pcfg.local_view_size, full_monai=True)
     sampler = EpochSampler(train, cfg.seed, pcfg.batch_size)
     loader = DataLoader(ViewDataset(dataset, views, cfg.seed), batch_size=pcfg.batch_size, sampler=sampler,
                         num_workers=pcfg.num_workers, persistent_workers=pcfg.num_workers > 0)
@@ -144,7 +144,7 @@ def _fixed_step(cfg: Config, method: str, volume: Sequence[int], device: torch.d
     model = model.to(memory_format=fmt)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=pcfg.lr)
     recipe = view_recipe(method, pcfg)
-    sizes = [pcfg.view_size] * recipe.n_global + [pcfg.local_view_size] * recipe.n_local
+    sizes = [pcfg.view_size_of(method)] * recipe.n_global + [pcfg.local_view_size] * recipe.n_local
     views = [torch.randn(pcfg.batch_size, 4, *s, device=device).contiguous(memory_format=fmt) for s in sizes]
 
     def step() -> None:

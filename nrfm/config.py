@@ -112,6 +112,7 @@ class PretrainingConfig:
     grad_clip: float = 3.0
     view_size: tuple[int, int, int] = (24, 24, 24)  # global crops (voxels)
     local_view_size: tuple[int, int, int] = (16, 16, 16)  # DINO local crops
+    mae_view_size: tuple[int, ...] = ()  # MAE's crop (empty = view_size); MAE needs no second view to compare
     n_local_views: int = 2
     bf16: bool = True  # bf16 autocast (CPU with AMX/AVX-512, CUDA)
     channels_last: bool = True  # channels_last_3d memory format
@@ -129,6 +130,10 @@ class PretrainingConfig:
     mae_decoder_layers: int = 2  # MAE decoder blocks (paper 8)
     batch_augment: bool = True  # intensity/affine/blur/noise augmentation in torch (else per sample in MONAI)
     augment_on: str = "loader"  # where the torch augmentation runs: loader (workers, per view) | device (whole batch)
+
+    def view_size_of(self, method: str) -> tuple[int, ...]:
+        """Global crop size of ``method`` (``mae_view_size`` for MAE when set, else ``view_size``)."""
+        return tuple(self.mae_view_size) if method == "mae" and self.mae_view_size else tuple(self.view_size)
 
     def epochs_of(self, method: str) -> int:
         """Pretraining epochs of ``method`` (``mae_epochs`` for MAE when set, else ``epochs``)."""
@@ -169,8 +174,11 @@ class PretrainingConfig:
         _require(self.mae_decoder_hidden_size % 6 == 0 and self.mae_decoder_hidden_size % self.vit_heads == 0,
                  "mae_decoder_hidden_size", f"must be a multiple of 6 and of vit_heads, got {self.mae_decoder_hidden_size}")
         _require(self.mae_decoder_layers >= 1, "mae_decoder_layers", "must be >= 1")
-        for side in self.view_size:
-            _require(side % self.vit_patch_size == 0 or "mae" not in self.methods, "view_size",
+        _require(len(self.mae_view_size) in (0, 3) and all(s >= 8 for s in self.mae_view_size), "mae_view_size",
+                 "must be empty (= view_size) or three sides >= 8")
+        key = "mae_view_size" if self.mae_view_size else "view_size"
+        for side in self.view_size_of("mae"):
+            _require(side % self.vit_patch_size == 0 or "mae" not in self.methods, key,
                      f"each side must be a multiple of vit_patch_size={self.vit_patch_size} for mae")
 
 

@@ -116,7 +116,7 @@ def make_loader(dataset: Dataset, indices: Sequence[int], method: str, cfg: Conf
         raise ConfigError(f"{cfg.source}: pretraining.batch_size: {pcfg.batch_size} (the global batch) must be a "
                           f"multiple of the {num_replicas} processes")
     local_batch = pcfg.batch_size // num_replicas
-    sample_views = SampleViews(view_recipe(method, pcfg), pcfg.view_size, pcfg.local_view_size,
+    sample_views = SampleViews(view_recipe(method, pcfg), pcfg.view_size_of(method), pcfg.local_view_size,
                                full_monai=not pcfg.batch_augment,
                                torch_augment=pcfg.batch_augment and pcfg.augment_on == "loader")
     sampler = EpochSampler(indices, cfg.seed, local_batch, num_replicas, rank)

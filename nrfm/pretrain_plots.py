@@ -81,7 +81,7 @@ def plot_example_views(ctx, method: str, subject: int = 0):
     index = int(train[subject % len(train)])
     image = ctx.dataset()[index]["image"]
     image = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
-    views = SampleViews(recipe, pcfg.view_size, pcfg.local_view_size, full_monai=not pcfg.batch_augment)(
+    views = SampleViews(recipe, pcfg.view_size_of(method), pcfg.local_view_size, full_monai=not pcfg.batch_augment)(
         image, _item_seed(ctx.config.seed, 0, index))
     if recipe.strong and pcfg.batch_augment:
         gen = batch_generator(ctx.config.seed, 0, 0, torch.device("cpu"))

@@ -77,7 +77,7 @@ def view_recipe(method: str, cfg: PretrainingConfig) -> ViewRecipe:
 def check_view_sizes(cfg: PretrainingConfig, volume_size: Sequence[int], method: str, source: str = "<config>") -> None:
     """ConfigError if a crop of ``method`` is larger than the preprocessed volume."""
     recipe = view_recipe(method, cfg)
-    wanted = [("view_size", cfg.view_size)] + ([("local_view_size", cfg.local_view_size)] if recipe.n_local else [])
+    wanted = [("mae_view_size" if method == "mae" and cfg.mae_view_size else "view_size", cfg.view_size_of(method))] + ([("local_view_size", cfg.local_view_size)] if recipe.n_local else [])
     for key, size in wanted:
         if any(int(s) > int(v) for s, v in zip(size, volume_size)):
             raise ConfigError(f"{source}: pretraining.{key}: crop {list(size)} is larger than the preprocessed "

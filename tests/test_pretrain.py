@@ -266,7 +266,8 @@ def test_monitor_probe_scores_follow_a_planted_signal():
 
 def test_mae_epochs_and_monitor_every(data, tmp_path):
     manifest, dataset = data
-    cfg = tiny_config(epochs=1, mae_epochs=3, monitor_every=2, warmup_epochs=0)
+    cfg = tiny_config(epochs=1, mae_epochs=3, monitor_every=2, warmup_epochs=0, mae_view_size=(SIDE,) * 3)
+    assert cfg.pretraining.view_size_of("mae") == (SIDE,) * 3 and cfg.pretraining.view_size_of("byol") == (12,) * 3
     log = train_method("mae", cfg, dataset, manifest, tmp_path / "mae", progress=False).log
     assert list(log["epoch"]) == [0, 1, 2, 3]  # mae_epochs, not epochs
     scored = log["probe_site_bacc"].notna().tolist()
