@@ -30,6 +30,7 @@ BINARY_ENDPOINTS = ("mgmt", "idh", "codel_1p19q", "egfr", "atrx", "tp53", "cdkn2
 CONTINUOUS_ENDPOINTS = ("ki67", "tp53_ihc")
 ENDPOINTS = BINARY_ENDPOINTS + CONTINUOUS_ENDPOINTS
 SSL_METHODS = ("byol", "dino", "mae", "moco")
+GRADCAM_CLASSES = ("predicted", "positive", "negative")
 OBJECTIVES = ("erm", "dro", "reweighted")
 PROTOCOLS = ("pooled", "loso")
 
@@ -237,6 +238,9 @@ class AnalysesConfig:
     survival_penalizers: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)  # chosen on validation
     survival_min_events: int = 5  # fewer events at a site: no c-index, said in the table
     gradcam_endpoint: str = "idh"
+    # which class's evidence the CAM shows: predicted (each subject's class at the model's validation-chosen
+    # threshold, the usual reading of Grad-CAM), positive (the endpoint's logit) or negative (minus the logit)
+    gradcam_class: str = "predicted"
     gradcam_subjects_per_site: int = 3
     peritumoral_margin_mm: float = 10.0
     site_probe_folds: int = 5  # stratified CV folds of the site probe (capped by the smallest site)
@@ -260,6 +264,8 @@ class AnalysesConfig:
         _require(self.survival_min_events >= 2, "survival_min_events", "must be >= 2")
         _require(self.gradcam_endpoint in ENDPOINTS, "gradcam_endpoint",
                  f"unknown endpoint {self.gradcam_endpoint!r}; valid: {list(ENDPOINTS)}")
+        _require(self.gradcam_class in GRADCAM_CLASSES, "gradcam_class",
+                 f"unknown class {self.gradcam_class!r}; valid: {list(GRADCAM_CLASSES)}")
         _require(self.gradcam_subjects_per_site >= 1, "gradcam_subjects_per_site", "must be >= 1")
         _require(self.peritumoral_margin_mm > 0, "peritumoral_margin_mm", "must be > 0")
 

@@ -24,6 +24,15 @@ upsampling, 0.55 with the library's; at the input resolution both agree to 1e-7.
 (``aug_smooth``, 2-D only in ttach) is not used. For the MAE ViT the backbone's reshape transform maps tokens
 (B, N, C) to (B, C, gd, gh, gw); the input size is passed to it so non-cubic crops get the right grid.
 
+Which class's evidence (``analyses.gradcam_class``): Grad-CAM explains one output ``y``. For a binary endpoint
+the logit ``z`` is evidence for the positive class and ``-z`` for the negative one, and the two maps differ:
+the ReLU keeps only the positive part of each. ``predicted`` (default) explains each subject's predicted
+class at the model's decision threshold (Youden's J on validation, read from the pooled predictions file; 0.5
+if that file is missing), the usual reading of Grad-CAM; ``positive`` / ``negative`` fix the sign. On the
+default run, IDH-wildtype evidence (enhancement, necrosis) sat in the tumour while "IDH-mutant" evidence, asked
+of the 80 % wildtype test subjects, spread outside it: explaining the positive logit alone under-reports
+where the model looks. Continuous endpoints (Ki-67, TP53-IHC) always explain the predicted value.
+
 Localization score of one subject, inside a reference region R (brain mask plus tumour; the whole crop if
 there is no brain mask): ``cam_in_tumor = sum_{tumour} cam / sum_R cam`` against ``tumor_volume_fraction =
 |tumour| / |R|``; the same for the peritumoral ring (tumour dilated by ``peritumoral_margin_mm`` in millimetres
@@ -42,11 +51,13 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 from tqdm.auto import tqdm
 
+from nrfm.config import CONTINUOUS_ENDPOINTS
 from nrfm.errors import ConfigError
 
 GRADCAM_COLUMNS = ("backbone", "objective", "endpoint", "site", "cam_in_tumor", "cam_in_peritumoral",
                    "tumor_volume_fraction")
-EXTRA_COLUMNS = ("n", "peritumoral_volume_fraction", "tumor_enrichment", "n_skipped", "note")
+EXTRA_COLUMNS = ("n", "peritumoral_volume_fraction", "tumor_enrichment", "tumor_enrichment_ci_low",
+                 "tumor_enrichment_ci_high", "explained_class", "n_skipped", "note")
 SCORE_COLUMNS = ("cam_in_tumor", "cam_in_peritumoral", "tumor_volume_fraction", "peritumoral_volume_fraction")
 
 
@@ -77,6 +88,16 @@ class GradCAM3D(GradCAM):
         cam = np.maximum(np.concatenate(cam_per_target_layer, axis=1).mean(axis=1), 0)
         peak = cam.reshape(cam.shape[0], -1).max(axis=1)
         return np.float32(cam / np.where(peak > 0, peak, 1.0)[:, None, None, None])
+
+
+class EndpointTarget:
+    """Grad-CAM target: ``sign * output[index]`` (+1 explains the positive class of a binary endpoint, -1 the negative)."""
+
+    def __init__(self, index: int, sign: float = 1.0):
+        self.index, self.sign = int(index), float(sign)
+
+    def __call__(self, model_output: torch.Tensor) -> torch.Tensor:
+        return self.sign * model_output[..., self.index]
 
 
 # ---- target layer -----------------------------------------------------------------------------------------------
@@ -119,7 +140,7 @@ def _spatial_transform(transform: Callable | None, spatial: Sequence[int]) -> Ca
 
 
 def grad_cam_volumes(model: nn.Module, images: torch.Tensor, endpoint_index: int, target_layer: nn.Module,
-                     reshape_transform: Callable | None = None) -> np.ndarray:
+                     reshape_transform: Callable | None = None, signs: Sequence[float] | None = None) -> np.ndarray:
     """Grad-CAM of one endpoint output for a batch of volumes.
 
     Args:
@@ -128,6 +149,7 @@ def grad_cam_volumes(model: nn.Module, images: torch.Tensor, endpoint_index: int
         endpoint_index: output column (``model.endpoints.index(endpoint)``).
         target_layer: module whose activations are weighted.
         reshape_transform: tokens -> (B, C, gd, gh, gw) for ViTs; None for CNNs.
+        signs: (B,) +1 explains the output (positive class), -1 its negative (negative class); default all +1.
 
     Returns:
         (B, D, H, W) CAMs scaled to max 1.
@@ -138,7 +160,9 @@ def grad_cam_volumes(model: nn.Module, images: torch.Tensor, endpoint_index: int
     # gradients must reach the target layer even when its parameters are frozen (linear fine-tuning)
     cam.compute_input_gradient = True
     try:
-        return cam(x, [ClassifierOutputTarget(endpoint_index)] * x.shape[0])
+        if signs is None:
+            return cam(x, [ClassifierOutputTarget(endpoint_index)] * x.shape[0])
+        return cam(x, [EndpointTarget(endpoint_index, sign) for sign in signs])
     finally:
         cam.activations_and_grads.release()
 
@@ -200,9 +224,36 @@ def endpoint_index(model: nn.Module, endpoint: str) -> int:
     return endpoints.index(endpoint)
 
 
-def gradcam_subject_scores(ctx, model: nn.Module, endpoint: str, rows: Sequence[int],
-                           progress: bool = True) -> pd.DataFrame:
-    """Localization scores of manifest rows ``rows`` (one row per subject; empty masks skipped with a note)."""
+def decision_threshold(ctx, method: str, objective: str, endpoint: str) -> float | None:
+    """The pooled model's probability threshold for ``endpoint`` (from its predictions file), or None if absent."""
+    path = ctx.artifacts_dir / f"predictions_{method}_{objective}_pooled.csv"
+    if not path.is_file():
+        return None
+    table = pd.read_csv(path, usecols=["endpoint", "threshold"])
+    values = table.loc[table["endpoint"] == endpoint, "threshold"].dropna()
+    return float(values.iloc[0]) if len(values) else None
+
+
+def explained_sign(model: nn.Module, image: torch.Tensor, index: int, endpoint: str, mode: str,
+                   threshold: float | None) -> float:
+    """+1 to explain the positive class (or a continuous output), -1 the negative one, per ``mode``."""
+    if endpoint in CONTINUOUS_ENDPOINTS or mode == "positive":
+        return 1.0
+    if mode == "negative":
+        return -1.0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logit = float(model(image.to(device=device, dtype=torch.float32))[0, index])
+    probability = 1.0 / (1.0 + np.exp(-logit))
+    return 1.0 if probability >= (0.5 if threshold is None else threshold) else -1.0
+
+
+def gradcam_subject_scores(ctx, model: nn.Module, endpoint: str, rows: Sequence[int], progress: bool = True,
+                           threshold: float | None = None) -> pd.DataFrame:
+    """Localization scores of manifest rows ``rows`` (one row per subject; empty masks skipped with a note).
+
+    ``threshold``: the model's probability threshold for the predicted class (``analyses.gradcam_class``).
+    """
     cfg = ctx.config.analyses
     layer, transform = resolve_target_layer(model, cfg.gradcam_target_layer)
     index = endpoint_index(model, endpoint)
@@ -216,18 +267,37 @@ def gradcam_subject_scores(ctx, model: nn.Module, endpoint: str, rows: Sequence[
         if not tumor.any():
             out.append({**rec, "note": "skipped: empty tumour mask"})
             continue
-        cam = grad_cam_volumes(model, torch.as_tensor(item["image"])[None], index, layer, transform)[0]
+        image = torch.as_tensor(item["image"])[None]
+        sign = explained_sign(model, image, index, endpoint, cfg.gradcam_class, threshold)
+        rec["explained_class"] = "positive" if sign > 0 else "negative"
+        cam = grad_cam_volumes(model, image, index, layer, transform, [sign])[0]
         try:
             rec.update(localization_scores(cam, tumor, np.asarray(item["brain"])[0], cfg.peritumoral_margin_mm,
                                            ctx.config.preprocessing.spacing_mm))
         except ValueError as err:
             rec["note"] = f"skipped: {err}"
         out.append(rec)
-    return pd.DataFrame(out, columns=["subject_id", "site", *SCORE_COLUMNS, "note"])
+    return pd.DataFrame(out, columns=["subject_id", "site", "explained_class", *SCORE_COLUMNS, "note"])
 
 
-def summarise_scores(scores: pd.DataFrame, sites: Sequence[str]) -> list[dict]:
-    """Mean scores per site and ``all`` over the subjects that were scored (skips counted in the note)."""
+def enrichment_ci(cam_share: np.ndarray, volume_share: np.ndarray, n_boot: int, seed: int = 0,
+                  level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI (resampling subjects) of ``mean(cam_share) / mean(volume_share)``."""
+    cam_share, volume_share = np.asarray(cam_share, float), np.asarray(volume_share, float)
+    if len(cam_share) < 2 or n_boot < 1:
+        return np.nan, np.nan
+    pick = np.random.default_rng(seed).integers(0, len(cam_share), size=(n_boot, len(cam_share)))
+    ratios = cam_share[pick].mean(axis=1) / volume_share[pick].mean(axis=1)
+    tail = (1 - level) / 2
+    return float(np.quantile(ratios, tail)), float(np.quantile(ratios, 1 - tail))
+
+
+def summarise_scores(scores: pd.DataFrame, sites: Sequence[str], n_boot: int = 0, seed: int = 0) -> list[dict]:
+    """Mean scores per site and ``all`` over the subjects that were scored (skips counted in the note).
+
+    ``tumor_enrichment`` = mean CAM share in the tumour / mean tumour volume share (1 = no preference), with a
+    bootstrap CI over subjects when ``n_boot`` > 0; ``explained_class`` counts the classes whose evidence was shown.
+    """
     rows = []
     for site in list(sites) + ["all"]:
         part = scores if site == "all" else scores[scores["site"] == site]
@@ -235,6 +305,11 @@ def summarise_scores(scores: pd.DataFrame, sites: Sequence[str]) -> list[dict]:
         row = {"site": site, "n": len(scored), "n_skipped": len(part) - len(scored)}
         row.update({m: float(scored[m].mean()) if len(scored) else np.nan for m in SCORE_COLUMNS})
         row["tumor_enrichment"] = row["cam_in_tumor"] / row["tumor_volume_fraction"] if len(scored) else np.nan
+        row["tumor_enrichment_ci_low"], row["tumor_enrichment_ci_high"] = enrichment_ci(
+            scored["cam_in_tumor"], scored["tumor_volume_fraction"], n_boot, seed)
+        if "explained_class" in scored:
+            counts = scored["explained_class"].value_counts()
+            row["explained_class"] = ", ".join(f"{name} {counts[name]}" for name in sorted(counts.index))
         reasons = part.loc[part["note"] != "", "note"].value_counts()
         notes = [f"{count} subject(s) {reason}" for reason, count in reasons.items()]
         row["note"] = "; ".join(notes) if len(part) else "no test subjects at this site"
@@ -263,9 +338,10 @@ def gradcam_table(ctx, methods: Sequence[str], objectives: Sequence[str] | None 
     for method in methods:
         for objective in objectives:
             model = load_model(ctx, method, objective)
-            scores = gradcam_subject_scores(ctx, model, endpoint, test_rows, progress=progress)
+            threshold = decision_threshold(ctx, method, objective, endpoint)
+            scores = gradcam_subject_scores(ctx, model, endpoint, test_rows, progress=progress, threshold=threshold)
             atomic_write_csv(ctx.artifacts_dir / f"gradcam_subjects_{method}_{objective}_{endpoint}.csv", scores)
-            for row in summarise_scores(scores, ctx.sites):
+            for row in summarise_scores(scores, ctx.sites, ctx.config.analyses.bootstrap, ctx.config.seed):
                 rows.append({"backbone": method, "objective": objective, "endpoint": endpoint, **row})
     return pd.DataFrame(rows, columns=list(GRADCAM_COLUMNS + EXTRA_COLUMNS))
 

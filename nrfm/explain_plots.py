@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from nrfm.explain import endpoint_index, grad_cam_volumes, load_finetuned_model, resolve_target_layer
+from nrfm.explain import (decision_threshold, endpoint_index, explained_sign, grad_cam_volumes, load_finetuned_model,
+                          resolve_target_layer)
 
 VIEWS = (("axial", 2), ("coronal", 1), ("sagittal", 0))  # (name, fixed array axis)
 T1C = 1  # channel order [t1, t1c, t2, flair]
@@ -59,8 +60,12 @@ def plot_gradcam_slices(ctx, method: str, objectives: Sequence[str] = ("erm", "d
         model = load_model(ctx, method, objective)
         layer, transform = resolve_target_layer(model, cfg.gradcam_target_layer)
         index = endpoint_index(model, endpoint)
-        cams[objective] = [grad_cam_volumes(model, torch.as_tensor(it["image"])[None], index, layer, transform)[0]
-                           for it in items]
+        threshold = decision_threshold(ctx, method, objective, endpoint)
+        cams[objective] = []
+        for it in items:
+            image = torch.as_tensor(it["image"])[None]
+            sign = explained_sign(model, image, index, endpoint, cfg.gradcam_class, threshold)
+            cams[objective].append(grad_cam_volumes(model, image, index, layer, transform, [sign])[0])
     n_cols = 3 * len(objectives)
     fig, axes = plt.subplots(max(len(rows), 1), n_cols, figsize=(2.2 * n_cols, 2.3 * max(len(rows), 1)),
                              squeeze=False)
@@ -87,7 +92,7 @@ def plot_gradcam_slices(ctx, method: str, objectives: Sequence[str] = ("erm", "d
                                   fontsize=7)
     if not rows:
         axes[0, 0].text(0.5, 0.5, "no test subject with a tumour mask", ha="center", transform=axes[0, 0].transAxes)
-    fig.suptitle(f"Grad-CAM for {endpoint} ({method}); white = tumour outline", fontsize=9)
+    fig.suptitle(f"Grad-CAM for {endpoint} ({method}, {cfg.gradcam_class} class); white = tumour outline", fontsize=9)
     fig.tight_layout()
     if save:
         ctx.save_figure(fig, f"gradcam_{method}_{endpoint}")

@@ -51,7 +51,7 @@ def test_gradcam_targets_have_a_spatial_map():
     seen = {}
     layer.register_forward_hook(lambda m, i, o: seen.update(shape=o.shape))
     cnn.embed(torch.randn(2, 4, 32, 32, 32))
-    assert reshape is None and seen["shape"][2:] == (4, 4, 4)  # layer2: layer3 is 2^3, layer4 1^3 at 32^3
+    assert reshape is None and seen["shape"][2:] == (8, 8, 8)  # layer1: layer2 is 4^3, layer3 2^3 at 32^3
     assert cnn.stage_sizes() == {"layer1": 8, "layer2": 4, "layer3": 2, "layer4": 1}
     vit = build_backbone("mae", CFG, (16, 16, 16))
     layer, reshape = vit.gradcam_target()

@@ -13,7 +13,7 @@ from nrfm.config import Config
 from nrfm.context import RunContext
 from nrfm.errors import ConfigError
 from nrfm.explain import (GradCAM3D, grad_cam_volumes, localization_scores, peritumoral_ring, resolve_target_layer,
-                          run_gradcam_stage)
+                          gradcam_table, run_gradcam_stage)
 
 SIDE = 24
 REGION = (slice(4, 12), slice(12, 20), slice(8, 16))  # the planted evidence region, 8^3 of 24^3 voxels
@@ -149,7 +149,7 @@ def test_bad_layer_name_lists_the_layers():
     assert isinstance(layer, nn.Conv3d) and transform is None
 
 
-def make_ctx(tmp_path) -> RunContext:
+def make_ctx(tmp_path, gradcam_class: str = "positive") -> RunContext:
     """Two sites, 3 test subjects each; the tumour is the planted region; one subject has an empty mask."""
     rng = np.random.default_rng(0)
     rows, items = [], []
@@ -165,7 +165,8 @@ def make_ctx(tmp_path) -> RunContext:
             items.append({"image": torch.from_numpy(rng.normal(size=(4, SIDE, SIDE, SIDE)).astype(np.float32)),
                           "seg": torch.from_numpy(seg), "brain": torch.from_numpy(brain), "index": len(items)})
     cfg = Config()
-    cfg = cfg.replace(analyses=cfg.analyses.__class__(peritumoral_margin_mm=6.0, gradcam_subjects_per_site=2))
+    cfg = cfg.replace(analyses=cfg.analyses.__class__(peritumoral_margin_mm=6.0, gradcam_subjects_per_site=2,
+                                                      gradcam_class=gradcam_class, bootstrap=200))
     return RunContext(config=cfg, run_dir=tmp_path, manifest=pd.DataFrame(rows), cohort_dir=tmp_path, _dataset=items)
 
 
@@ -183,6 +184,9 @@ def test_stage_scores_planted_tumour_and_skips_empty_mask(tmp_path):
     for objective in ("erm", "dro"):
         assert by.loc[(objective, "all"), "cam_in_tumor"] > 0.5
         assert by.loc[(objective, "all"), "tumor_enrichment"] > 10
+        low, high = by.loc[(objective, "all"), ["tumor_enrichment_ci_low", "tumor_enrichment_ci_high"]]
+        assert 1 < low <= by.loc[(objective, "all"), "tumor_enrichment"] <= high
+        assert by.loc[(objective, "all"), "explained_class"] == "positive 5"
         assert by.loc[(objective, "B"), "n"] == 2 and by.loc[(objective, "B"), "n_skipped"] == 1
         assert by.loc[(objective, "B"), "note"] == "1 subject(s) skipped: empty tumour mask"
         assert by.loc[(objective, "A"), "note"] == "" and by.loc[(objective, "A"), "n"] == 3
@@ -198,3 +202,22 @@ def test_unknown_endpoint_is_a_config_error(tmp_path):
     ctx.config = ctx.config.replace(analyses=ctx.config.analyses.__class__(gradcam_endpoint="tert"))
     with pytest.raises(ConfigError, match=r"'tert' is not an output.*\['idh', 'mgmt'\]"):
         run_gradcam_stage(ctx, ["tiny"], load_model=loader, progress=False)
+
+
+@pytest.mark.parametrize("threshold, expected", [(0.0, "positive"), (1.0, "negative")])
+def test_predicted_class_follows_the_models_threshold(tmp_path, threshold, expected):
+    ctx = make_ctx(tmp_path, gradcam_class="predicted")
+    ctx.artifacts_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"endpoint": ["mgmt", "idh"], "threshold": [0.5, threshold]}).to_csv(
+        ctx.artifacts_dir / "predictions_tiny_erm_pooled.csv", index=False)
+    loader = lambda ctx, method, objective: TinyFinetuneModel()  # noqa: E731
+    table = gradcam_table(ctx, ["tiny"], objectives=["erm"], load_model=loader, progress=False)
+    subjects = pd.read_csv(ctx.artifacts_dir / "gradcam_subjects_tiny_erm_idh.csv", keep_default_na=False)
+    scored = subjects[subjects["note"] != "skipped: empty tumour mask"]
+    assert set(scored["explained_class"]) == {expected}
+    if expected == "negative":
+        # every head weight is positive: no evidence against idh anywhere, so every CAM is empty and skipped
+        assert (scored["note"] == "skipped: the CAM is zero everywhere in the brain").all()
+        assert table.set_index("site").loc["all", "n"] == 0
+    else:
+        assert (scored["note"] == "").all() and table.set_index("site").loc["all", "tumor_enrichment"] > 10
