@@ -353,6 +353,10 @@ class VolumeDataset(Dataset):
             self._store(i)
         return np.array(np.load(folder / f"{name}.npy", mmap_mode="r"))
 
+    def image(self, i: int) -> torch.Tensor:
+        """Item ``i``'s (4, D, H, W) float32 image alone (one file read instead of three: the pretraining loader)."""
+        return torch.from_numpy(self._load(i % len(self), "image"))
+
     def affine(self, i: int) -> np.ndarray:
         """(4, 4) voxel-to-RAS-world affine of item ``i``'s crop (for overlays in world coordinates)."""
         return self._load(i, "affine")

@@ -100,6 +100,7 @@ def test_cache_hit_miss_and_content_keying(tmp_path: Path) -> None:
     assert item["image"].shape == (4, 16, 16, 16) and item["image"].dtype == torch.float32
     assert item["seg"].dtype == torch.uint8 and item["brain"].dtype == torch.bool and item["index"] == 1
     np.testing.assert_array_equal(item["image"].numpy(), preprocess_subject(rows[1], cfg)["image"])
+    assert torch.equal(first.image(1), item["image"]) and torch.equal(first.image(-2), item["image"])
 
     again = preprocessed_dataset(df, cfg, progress=False)  # warm: nothing recomputed, identical arrays
     assert again.n_computed == 0
