@@ -66,13 +66,26 @@ def test_survival_and_gradcam_verdicts():
         {"backbone": "byol", "objective": "dro", "site": "B", "n": 8, "c_index": 0.90, "ci_low": 0.7, "ci_high": 1.0}])
     verdicts = summary.survival_verdicts(survival).set_index("site")
     assert verdicts.loc["A", "verdict"] == "reproduced" and verdicts.loc["B", "verdict"] == "inconclusive"
-    gradcam = pd.DataFrame([{"backbone": "byol", "objective": "erm", "site": s, "cam_in_tumor": 0.5,
-                             "cam_in_peritumoral": 0.2, "tumor_volume_fraction": 0.1,
-                             "peritumoral_volume_fraction": 0.2} for s in ("A", "B")])
-    assert summary.gradcam_verdicts(gradcam)["verdict"].tolist() == ["reproduced"]
-    gradcam["cam_in_tumor"] = 0.05
-    gradcam["cam_in_peritumoral"] = 0.1
-    assert summary.gradcam_verdicts(gradcam)["verdict"].tolist() == ["not reproduced"]
+
+    def gradcam_table(cam_tumor: np.ndarray, cam_ring: np.ndarray) -> pd.DataFrame:
+        from nrfm.explain import summarise_scores
+
+        n = len(cam_tumor)
+        scores = pd.DataFrame({"site": ["A", "B"] * (n // 2), "cam_in_tumor": cam_tumor, "cam_in_peritumoral": cam_ring,
+                               "tumor_volume_fraction": 0.1, "peritumoral_volume_fraction": 0.2, "note": ""})
+        rows = summarise_scores(scores, ["A", "B"], n_boot=500)
+        return pd.DataFrame([{"backbone": "byol", "objective": "erm", **row} for row in rows])
+
+    rng = np.random.default_rng(0)
+    enriched = summary.gradcam_verdicts(gradcam_table(np.full(20, 0.5), np.full(20, 0.2)))
+    assert enriched["verdict"].tolist() == ["reproduced"] and enriched["delta"].iloc[0] == pytest.approx(0.7 / 0.3)
+    assert "per site: A 2.33, B 2.33" in enriched["note"].iloc[0]
+    avoided = summary.gradcam_verdicts(gradcam_table(np.full(20, 0.05), np.full(20, 0.1)))
+    assert avoided["verdict"].tolist() == ["not reproduced"]
+    # lesion shares scattered around their volume share (0.3): the CI contains 1
+    noisy = gradcam_table(rng.uniform(0.0, 0.2, 20), rng.uniform(0.0, 0.4, 20))
+    verdict = summary.gradcam_verdicts(noisy).iloc[0]
+    assert verdict["ci_low"] < 1 < verdict["ci_high"] and verdict["verdict"] == "inconclusive"
 
 
 def test_sweep_collection_and_spread(tmp_path):
