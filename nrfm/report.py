@@ -170,7 +170,7 @@ def _verdict_html(run_dir: Path) -> str:
                 continue
             r = match.iloc[0]
             css = "verdict-" + str(r["verdict"]).replace(" ", "-")
-            detail = (f"min enrichment {_fmt(r['delta'])}" if str(r.get("metric", "")).startswith("CAM")
+            detail = (f"enrichment {_fmt(r['delta'])}" if str(r.get("metric", "")).startswith("CAM")
                       else f"Δ {_fmt(r['delta'])}")
             if pd.notna(r.get("ci_low")):
                 detail += f" [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
