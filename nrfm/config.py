@@ -125,6 +125,8 @@ class PretrainingConfig:
     head_hidden_dim: int = 512  # BYOL/MoCo/DINO MLP heads (papers: 4096 / 2048 / 2048)
     head_out_dim: int = 128  # BYOL/MoCo projection output (papers: 256 / 128)
     dino_out_dim: int = 1024  # DINO prototypes K (paper: 65536)
+    dino_warmup_teacher_temp: float = 0.04  # DINO teacher temperature at step 0 (paper 0.04) ...
+    dino_teacher_temp: float = 0.07  # ... warmed up linearly to this over the first 30% of steps (paper 0.04-0.07)
     momentum_base: float = 0.99  # EMA start for BYOL/DINO/MoCo, cosine to 1 (papers 0.996/0.996/0.999; runs are short)
     moco_memory_bank: int = 128  # MoCo v2 negatives in the queue (paper 65536; keep below the train-set size)
     mae_decoder_hidden_size: int = 96  # MAE decoder width (paper 512)
@@ -168,6 +170,8 @@ class PretrainingConfig:
         _require(self.monitor_c > 0, "monitor_c", f"must be > 0, got {self.monitor_c}")
         _require(self.head_hidden_dim >= 8 and self.head_out_dim >= 8 and self.dino_out_dim >= 8,
                  "head_hidden_dim", "head_hidden_dim, head_out_dim and dino_out_dim must each be >= 8")
+        _require(0 < self.dino_warmup_teacher_temp <= 1 and 0 < self.dino_teacher_temp <= 1, "dino_teacher_temp",
+                 "dino_warmup_teacher_temp and dino_teacher_temp must be in (0, 1]")
         _require(0.0 <= self.momentum_base < 1.0, "momentum_base", f"must be in [0, 1), got {self.momentum_base}")
         _require(self.moco_memory_bank >= 0, "moco_memory_bank", "must be >= 0 (0 = in-batch negatives)")
         _require(self.vit_hidden_size % 6 == 0 and self.vit_hidden_size % self.vit_heads == 0, "vit_hidden_size",

@@ -95,7 +95,8 @@ def build_method(name: str, backbone: nn.Module, cfg: PretrainingConfig) -> SSLM
     if name == "dino":
         from nrfm.ssl.dino import DINO
 
-        return DINO(backbone, cfg.head_hidden_dim, cfg.dino_out_dim, momentum_base=cfg.momentum_base)
+        return DINO(backbone, cfg.head_hidden_dim, cfg.dino_out_dim, momentum_base=cfg.momentum_base,
+                    warmup_teacher_temp=cfg.dino_warmup_teacher_temp, teacher_temp=cfg.dino_teacher_temp)
     if name == "moco":
         from nrfm.ssl.moco import MoCo
 

@@ -7,7 +7,9 @@ crops and student outputs on all crops (2 global + n local, multi-crop), the los
 
 where ``c`` is the centre (EMA of the teacher's batch mean, momentum 0.9), ``tau_s = 0.1`` and the teacher
 temperature warms up linearly from 0.04 to 0.07 (the paper's recommended setting for longer runs, over its
-first 30 of 100 epochs; here the first 30% of steps). Teacher EMA momentum follows a cosine to 1; the last
+first 30 of 100 epochs; here the first 30% of steps; ``pretraining.dino_warmup_teacher_temp`` /
+``dino_teacher_temp``). On the small synthetic cohort that teacher turned uniform (loss = ln K), so
+``configs/default.yaml`` uses a constant, sharper 0.02 (the measurement is in its comment). Teacher EMA momentum follows a cosine to 1; the last
 head layer is frozen for the first 1% of steps (paper: first epoch of 100) and gradients are clipped by the loop.
 
 Departures (CPU budget): head sizes from the config (paper hidden 2048, K 65536), 3D crops of a few dozen
