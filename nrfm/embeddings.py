@@ -167,20 +167,15 @@ def site_probe_predictions(embedding: np.ndarray, sites: Sequence[str], n_folds:
     Raises:
         ValueError: a site with fewer than 2 subjects, or fewer than 2 sites.
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    from nrfm.monitor import cross_validated_probe
 
     sites = np.asarray(sites).astype(str)
     labels, counts = np.unique(sites, return_counts=True)
     if len(labels) < 2 or counts.min() < 2:
         raise ValueError(f"site probe needs >= 2 sites with >= 2 subjects each, got counts "
                          f"{dict(zip(labels.tolist(), counts.tolist()))}")
-    folds = StratifiedKFold(n_splits=int(min(n_folds, counts.min())), shuffle=True, random_state=seed)
-    # the scaler sits inside the pipeline so each fold standardizes with its own training part only
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    return cross_val_predict(probe, embedding, sites, cv=folds)
+    # scikit-learn's default logistic regression (C = 1, no class weights); the scaler is fitted inside each fold
+    return cross_validated_probe(embedding, sites, c=1.0, folds=n_folds, seed=seed, class_weight=None)
 
 
 def site_probe_balanced_accuracy(embedding: np.ndarray, sites: Sequence[str], n_folds: int = 5,

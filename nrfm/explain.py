@@ -282,15 +282,16 @@ def gradcam_subject_scores(ctx, model: nn.Module, endpoint: str, rows: Sequence[
 
 
 def enrichment_ci(cam_share: np.ndarray, volume_share: np.ndarray, n_boot: int, seed: int = 0,
-                  level: float = 0.95) -> tuple[float, float]:
+                  alpha: float = 0.05) -> tuple[float, float]:
     """Percentile bootstrap CI (resampling subjects) of ``mean(cam_share) / mean(volume_share)``."""
+    from nrfm.metrics import bootstrap_indices, percentile_ci
+
     cam_share, volume_share = np.asarray(cam_share, float), np.asarray(volume_share, float)
     if len(cam_share) < 2 or n_boot < 1:
         return np.nan, np.nan
-    pick = np.random.default_rng(seed).integers(0, len(cam_share), size=(n_boot, len(cam_share)))
-    ratios = cam_share[pick].mean(axis=1) / volume_share[pick].mean(axis=1)
-    tail = (1 - level) / 2
-    return float(np.quantile(ratios, tail)), float(np.quantile(ratios, 1 - tail))
+    pick = bootstrap_indices(len(cam_share), n_boot, seed)
+    low, high, _ = percentile_ci(cam_share[pick].mean(axis=1) / volume_share[pick].mean(axis=1), alpha)
+    return low, high
 
 
 def summarise_scores(scores: pd.DataFrame, sites: Sequence[str], n_boot: int = 0, seed: int = 0) -> list[dict]:

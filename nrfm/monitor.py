@@ -67,9 +67,10 @@ def _folds(labels: np.ndarray, folds: int) -> int:
 
 
 def cross_validated_probe(x: np.ndarray, y: np.ndarray, c: float = 0.1, folds: int = 5, seed: int = 0,
-                          method: str = "predict") -> np.ndarray | None:
-    """Out-of-fold ``method`` outputs (``predict`` or, for two classes, ``decision_function``) of a class-balanced
-    logistic regression on standardised ``x``; None when a class has fewer than 2 subjects.
+                          method: str = "predict", class_weight: str | None = "balanced") -> np.ndarray | None:
+    """Out-of-fold ``method`` outputs (``predict`` or, for two classes, ``decision_function``) of a logistic
+    regression (class-balanced by default) on ``x`` standardised inside each fold; stratified folds, at most
+    ``folds`` and at most the smallest class's count; None when a class has fewer than 2 subjects.
     """
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
@@ -78,7 +79,7 @@ def cross_validated_probe(x: np.ndarray, y: np.ndarray, c: float = 0.1, folds: i
     k = _folds(y, folds)
     if k < 2:
         return None
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, class_weight="balanced", max_iter=2000))
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, class_weight=class_weight, max_iter=2000))
     return cross_val_predict(probe, x, y, cv=StratifiedKFold(k, shuffle=True, random_state=seed), method=method)
 
 
