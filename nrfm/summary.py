@@ -299,15 +299,15 @@ def gradcam_verdicts(table: pd.DataFrame | None) -> pd.DataFrame:
             point, low, high = (float(overall[c].iloc[0]) for c in
                                 ("lesion_enrichment", "lesion_enrichment_ci_low", "lesion_enrichment_ci_high"))
         result = ("reproduced" if low > 1 else "not reproduced" if high < 1 else "inconclusive")
-        site_values = (sites["lesion_enrichment"].dropna() if "lesion_enrichment" in sites else pd.Series(dtype=float))
-        per_site = ", ".join(f"{s} {v:.2f}" for s, v in zip(sites["site"], sites.get("lesion_enrichment", [])))
+        per_site = ", ".join(f"{s} {v:.2f}" for s, v in zip(sites["site"], sites.get("lesion_enrichment", []))
+                             if np.isfinite(v))
         rows.append({"claim": "Grad-CAM concentrates on tumour and peritumoral tissue", "backbone": backbone,
                      "site": "all", "metric": f"CAM lesion enrichment ({objective})", "erm": np.nan, "dro": np.nan,
                      "delta": point, "ci_low": low, "ci_high": high,
                      "n_test": float(overall["n"].iloc[0]) if len(overall) and "n" in overall else np.nan,
                      "verdict": result,
                      "note": "delta column = CAM share / volume share of tumour + peritumoral ring (1 = no preference)"
-                             + (f"; per site: {per_site}" if len(site_values) else "")})
+                             + (f"; per site: {per_site}" if per_site else "")})
     return pd.DataFrame(rows)
 
 

@@ -32,7 +32,6 @@ exactly the views of an uninterrupted one, and with ``augment_on: loader`` a dat
 from __future__ import annotations
 
 import functools
-
 import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -79,7 +78,9 @@ def view_recipe(method: str, cfg: PretrainingConfig) -> ViewRecipe:
 def check_view_sizes(cfg: PretrainingConfig, volume_size: Sequence[int], method: str, source: str = "<config>") -> None:
     """ConfigError if a crop of ``method`` is larger than the preprocessed volume."""
     recipe = view_recipe(method, cfg)
-    wanted = [("mae_view_size" if method == "mae" and cfg.mae_view_size else "view_size", cfg.view_size_of(method))] + ([("local_view_size", cfg.local_view_size)] if recipe.n_local else [])
+    global_key = "mae_view_size" if method == "mae" and cfg.mae_view_size else "view_size"
+    wanted = [(global_key, cfg.view_size_of(method))]
+    wanted += [("local_view_size", cfg.local_view_size)] if recipe.n_local else []
     for key, size in wanted:
         if any(int(s) > int(v) for s, v in zip(size, volume_size)):
             raise ConfigError(f"{source}: pretraining.{key}: crop {list(size)} is larger than the preprocessed "
