@@ -1,7 +1,7 @@
 """The ``nrfm`` command line: synth, validate, import, run, bench, and the stages pretrain / finetune.
 
 ``nrfm pretrain`` and ``nrfm finetune`` run one stage of a run folder; they are what
-``torchrun --nproc_per_node N -m nrfm pretrain ...`` launches (see :mod:`nrfm.distributed`).
+``torchrun --nproc_per_node N -m nrfm pretrain ...`` launches (see :mod:`nrfm.train.distributed`).
 
 Every subcommand has ``--help``. Errors a user can cause print one line, ``nrfm: error: <where>: <what>``,
 and exit with status 2; an interrupted command exits with 130.
@@ -9,11 +9,13 @@ and exit with status 2; an interrupted command exits with 130.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from nrfm.errors import NrfmError
+from nrfm.pipeline.workspace import WORKDIR_ENV, set_workspace
 
 IMPORT_KINDS = ("ucsf-pdgm", "upenn-gbm", "brats2021", "brats2023")
 
@@ -29,7 +31,8 @@ def _nonnegative_int(text: str) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from nrfm.synth import generate_cohort
+    # imported per command, so that `nrfm --help` and argument errors answer without loading torch
+    from nrfm.synth.generate import generate_cohort
 
     result = generate_cohort(Path(args.out), profile=args.profile, seed=args.seed, sites=args.sites,
                              force=args.force, progress=not args.quiet)
@@ -38,7 +41,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from nrfm.manifest import validate_manifest
+    # imported per command, so that `nrfm --help` and argument errors answer without loading torch
+    from nrfm.data.manifest import validate_manifest
 
     result = validate_manifest(Path(args.manifest), check_images=not args.no_images, progress=not args.quiet)
     print(result.format())
@@ -46,7 +50,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from nrfm.importers import import_cohort, merge_manifests
+    # imported per command, so that `nrfm --help` and argument errors answer without loading torch
+    from nrfm.data.importers import import_cohort, merge_manifests
 
     if args.kind == "merge":
         if not args.inputs:
@@ -65,14 +70,15 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # imported per command, so that `nrfm --help` and argument errors answer without loading torch
     from nrfm.config import parse_override
-    from nrfm.runner import resume_run, start_run, sweep_run
+    from nrfm.pipeline.runner import resume_run, start_run, sweep_run
 
     only = [s for part in (args.only or []) for s in part.split(",") if s]
     overrides = dict(parse_override(item) for item in (args.set or []))
     if args.seed is not None:
         overrides["seed"] = args.seed
-    notebook_dir = Path(args.notebooks)
+    notebook_dir = Path(args.notebooks) if args.notebooks else None
     if args.resume:
         outcome = resume_run(args.resume, out=args.out, progress=not args.quiet)
     elif args.sweep:
@@ -87,13 +93,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _open_stage(args: argparse.Namespace):
     """Open the run on rank 0 first (it may generate the cohort, freeze the splits, fill the cache), then on the rest."""
+    # imported per command, so that `nrfm --help` and argument errors answer without loading torch
     import torch
 
-    from nrfm import distributed
+    # imported per command, so that `nrfm --help` and argument errors answer without loading torch
+    from nrfm.train import distributed
     from nrfm.config import load_config
-    from nrfm.context import REPO_ROOT, open_run, resolve_path
+    from nrfm.pipeline.context import open_run
+    from nrfm.pipeline.workspace import resolve_config_file
 
-    cfg = load_config(resolve_path(args.config, REPO_ROOT))
+    cfg = load_config(resolve_config_file(args.config))
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     d = distributed.init_from_env(use_cuda)
     ctx = None
@@ -108,8 +117,9 @@ def _open_stage(args: argparse.Namespace):
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from nrfm import distributed
-    from nrfm.pretrain import run_pretraining_stage
+    # imported per command, so that `nrfm --help` and argument errors answer without loading torch
+    from nrfm.train import distributed
+    from nrfm.train.pretrain import run_pretraining_stage
 
     try:
         ctx, d = _open_stage(args)
@@ -122,14 +132,15 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from nrfm import distributed
-    from nrfm.finetune import run_finetune_stage
-    from nrfm.pretrain import ensure_pretrained
+    # imported per command, so that `nrfm --help` and argument errors answer without loading torch
+    from nrfm.train import distributed
+    from nrfm.train.finetune import run_finetune_stage
+    from nrfm.train.pretrain import ensure_pretrained
 
     try:
         ctx, d = _open_stage(args)
         backbone = ensure_pretrained(ctx, args.method, progress=not args.quiet)  # DDP on every rank if missing
-        if d.is_main:  # fine-tuning runs on cached features on rank 0; the others wait (see nrfm.distributed)
+        if d.is_main:  # fine-tuning runs on cached features on rank 0; the others wait (see nrfm.train.distributed)
             result = run_finetune_stage(ctx, args.method, args.objective, args.protocol, backbone=backbone,
                                         progress=not args.quiet)
             print(f"{args.method}/{args.objective}/{args.protocol}: {result.predictions_path} "
@@ -141,7 +152,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from nrfm.bench import run_benchmarks
+    # imported per command, so that `nrfm --help` and argument errors answer without loading torch
+    from nrfm.bench.suite import run_benchmarks
 
     run_benchmarks(parts=args.parts, out_dir=Path(args.out), quick=args.quick)
     return 0
@@ -153,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="NeuroRAD-FM reproduction kit: synthetic or imported multi-site glioma MRI, self-supervised 3D "
                     "backbones, group DRO fine-tuning, and the paper's analyses as papermill notebooks.",
         epilog="Start with `make run` (the synthetic default) or `nrfm run --config configs/smoke.yaml` (minutes).")
+    parser.add_argument("--workdir", metavar="DIR",
+                        help=f"workspace for reports/, data/ and the cache (default: ${WORKDIR_ENV}, else the "
+                             "current folder); relative paths are taken from it")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("synth", help="write the synthetic multi-site glioma cohort (NIfTI + manifest + oracle)",
@@ -194,24 +209,27 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Execute the ordered notebooks into a new run folder and render index.html. "
                                    "A run never overwrites another run.")
     p.add_argument("--config", default="configs/default.yaml",
-                   help="YAML config (configs/smoke.yaml for minutes, default.yaml for the main job)")
+                   help="YAML config: a path, or the name of a shipped config (smoke: minutes; default: the main "
+                        "job; paper: real cohorts on a GPU)")
     p.add_argument("--manifest", help="use this canonical manifest instead of the synthetic cohort")
     p.add_argument("--out", default="reports", help="folder that holds run folders (default: reports)")
     p.add_argument("--only", action="append",
-                   help="run only these notebooks, e.g. --only 02_finetune_dro,05_gradcam (later stages still "
-                        "need the earlier stages' outputs: they are computed on demand)")
+                   help="run only these notebooks and what they need, e.g. --only 05_gradcam also runs 00-02 "
+                        "(the stage graph: nrfm/pipeline/stages.py)")
     p.add_argument("--sweep", nargs="+", metavar="NAME=V1,V2",
                    help="parameter sweep, e.g. --sweep backbone=byol,dino seed=0,1,2: one run per combination "
                         "and a summary with mean and spread")
     p.add_argument("--seed", type=_nonnegative_int, help="override the config's seed")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. --set pretraining.epochs=2 (repeatable)")
-    p.add_argument("--notebooks", default=str(Path(__file__).resolve().parent.parent / "notebooks"),
-                   help="folder of ordered notebooks (00_*.ipynb, 01_*.ipynb, ...); default: the kit's notebooks/")
+    p.add_argument("--notebooks", default=None,
+                   help="folder of ordered notebooks (00_*.ipynb, 01_*.ipynb, ...); default: the notebooks shipped "
+                        "with nrfm")
     p.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run after its last completed notebook")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 
+    # imported per command, so that `nrfm --help` and argument errors answer without loading torch
     from nrfm.config import OBJECTIVES, PROTOCOLS, SSL_METHODS
 
     for name, text in (("pretrain", "pretrain one SSL backbone in a run folder (what torchrun launches)"),
@@ -249,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.workdir:
+            os.chdir(set_workspace(args.workdir))
         return args.func(args)
     except NrfmError as err:
         print(f"nrfm: error: {err}", file=sys.stderr)

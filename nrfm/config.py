@@ -25,11 +25,10 @@ from typing import Any, Mapping
 import yaml
 
 from nrfm.errors import ConfigError
+from nrfm.schema import BINARY_ENDPOINTS, CONTINUOUS_ENDPOINTS, ENDPOINTS  # noqa: F401 (re-exported)
+from nrfm.ssl.registry import method_names
 
-BINARY_ENDPOINTS = ("mgmt", "idh", "codel_1p19q", "egfr", "atrx", "tp53", "cdkn2ab", "tert")
-CONTINUOUS_ENDPOINTS = ("ki67", "tp53_ihc")
-ENDPOINTS = BINARY_ENDPOINTS + CONTINUOUS_ENDPOINTS
-SSL_METHODS = ("byol", "dino", "mae", "moco")
+SSL_METHODS = method_names()  # one module per method in nrfm/ssl/methods/
 GRADCAM_CLASSES = ("predicted", "positive", "negative")
 OBJECTIVES = ("erm", "dro", "reweighted")
 PROTOCOLS = ("pooled", "loso")
@@ -280,6 +279,9 @@ class ReportConfig:
 
     title: str = "NeuroRAD-FM reproduction"
     notebooks: tuple[str, ...] = ()  # empty = every notebook in notebooks/, in order
+    # what a completed run keeps (nrfm/pipeline/layout.py): the report, metrics, artifacts and the pretrained and
+    # fine-tuned models always; pretraining's resume state (last.pt, ~70 MB per backbone) only if this is true
+    keep_resume_state: bool = False
 
     def _check(self) -> None:
         _require(bool(self.title.strip()), "title", "must not be empty")

@@ -19,7 +19,7 @@ import torch
 
 from nrfm.cli import main
 from nrfm.errors import CheckpointError, ConfigError, NrfmError, RunError
-from nrfm.manifest import COLUMNS
+from nrfm.data.manifest import COLUMNS
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -295,7 +295,7 @@ def test_checkpoint_with_code_is_refused(tmp_path):
 def test_checkpoint_of_another_method(tmp_path):
     from nrfm.config import load_config
     from nrfm.files import atomic_torch_save
-    from nrfm.pretrain import CHECKPOINT_FORMAT, load_backbone
+    from nrfm.train.pretrain import CHECKPOINT_FORMAT, load_backbone
 
     path = tmp_path / "backbone.pt"
     atomic_torch_save(path, {"format": CHECKPOINT_FORMAT, "method": "byol", "arch": "resnet10",
@@ -306,7 +306,7 @@ def test_checkpoint_of_another_method(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- notebooks, files
 def test_unknown_notebook_parameter_value():
-    from nrfm.context import check_parameter
+    from nrfm.pipeline.context import check_parameter
 
     with pytest.raises(ConfigError, match=r"notebook parameter backbone: unknown value 'simclr'; valid: \['byol'"):
         check_parameter("backbone", "simclr", ("byol", "dino", "mae", "moco"))

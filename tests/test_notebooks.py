@@ -15,7 +15,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from nrfm.runner import start_run
+from nrfm.pipeline.runner import start_run
+
+pytestmark = pytest.mark.slow  # end-to-end runs of every notebook; `pytest -m "not slow"` skips them
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -154,7 +156,7 @@ def test_a_notebook_runs_alone_with_papermill(tmp_path):
 
 
 def test_three_seed_sweep_shows_mean_and_spread(hermetic):
-    from nrfm.runner import sweep_run
+    from nrfm.pipeline.runner import sweep_run
 
     overrides, base = hermetic
     outcome = sweep_run(SMOKE, ["backbone=byol", "seed=0,1,2"], out=base / "sweeps",

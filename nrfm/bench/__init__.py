@@ -1,0 +1,1 @@
+"""``nrfm bench``: speed and scale measured as ratios on one machine."""

@@ -1,0 +1,1 @@
+"""Data: the manifest, its validation and splits, MONAI preprocessing, cohort description, importers."""

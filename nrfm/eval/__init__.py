@@ -1,0 +1,1 @@
+"""Evaluation: metrics, bootstrap, site invariance, survival, Grad-CAM, claims and verdicts."""

@@ -1,0 +1,1 @@
+"""Network architectures: 3D ResNet and ViT backbones."""

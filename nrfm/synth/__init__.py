@@ -1,0 +1,1 @@
+"""The synthetic multi-site glioma cohort: anatomy, markers, sites, scenarios and the oracle."""

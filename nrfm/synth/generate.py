@@ -1,0 +1,364 @@
+"""The embedded synthetic multi-site glioma cohort (``nrfm synth``): realistic enough to mean something,
+with known ground truth so a model can be compared with the best achievable result.
+
+``generate_cohort(out, profile, seed, sites)`` writes, via a temporary folder renamed at the end:
+
+- ``manifest.csv``: the canonical manifest (data-formats.md), split left empty, image paths relative.
+- ``images/<subject_id>/{t1,t1c,t2,flair,seg}.nii.gz``: int16 with scl_slope (seg uint8, labels 0/1/2/4),
+  each site with its own orientation and voxel spacing in the header; gzip with mtime 0 (byte-stable).
+- ``oracle.csv`` (subject_id, endpoint, value): for every exam, the exact posterior P(label = 1 | what the
+  generator put into the image, site) for the eight binary endpoints, the true Ki-67 and TP53-IHC values
+  (%, also where the manifest masks them), and ``artifact`` (1 = the stripe ghost is in the images).
+- ``oracle_auc.csv`` (endpoint, site incl. ``all``, n, n_pos, auc): AUC of the oracle against the labels
+  the manifest reports (masked labels excluded, as in the kit's metrics): the Bayes limit for models.
+- ``cohort.json``: every generator parameter, the seed, the nrfm version, the profile, per-site counts.
+
+The rules, in detail in the helper modules' docstrings:
+
+- Population and labels (:mod:`nrfm.synth.markers`, :mod:`nrfm.synth.sites`): class (IDH-wildtype,
+  astrocytoma, 1p/19q-codeleted oligodendroglioma; so codeletion only with IDH mutation), grade from the
+  class, six markers from (class, grade) with real dependencies (ATRX/TP53 mostly astrocytoma,
+  EGFR/CDKN2A/B/TERT mostly IDH-wildtype, MGMT higher with IDH mutation), Ki-67 by grade (medians 3/6/27 %),
+  TP53-IHC by TP53 status, age by IDH; per-site prevalences, missing labels (MCAR per site and endpoint),
+  follow-up exams sharing a patient_id.
+- Phenotype (:mod:`nrfm.synth.anatomy`): location (frontal for 1p/19q and IDH-mutant), size (grade, EGFR),
+  necrosis (grade 4, CDKN2A/B, less with IDH mutation), enhancement (less with IDH mutation), edema (EGFR),
+  T2-FLAIR mismatch (astrocytoma), calcification-like foci (1p/19q), enhancement heterogeneity (Ki-67),
+  margin sharpness (ATRX, TP53, TP53-IHC), weak core T2 shift (MGMT, hard) and core T1 shift (TERT, weak),
+  atrophy (age). Every endpoint leaves some signal in or around the tumour (the kit crops around it).
+- Site: orientation, spacing, slice thickness, blur, bias field, Rician noise, gain and offset per
+  contrast; a stripe ghost artifact (14 mm period along the phase axis, survives crop and z-scoring) in
+  45 % of MGMT-methylated vs 10 % of unmethylated UCSF exams but label-free elsewhere: an ERM shortcut that
+  group DRO should resist.
+- Survival: Weibull proportional hazards in age, IDH, MGMT, grade, size and necrosis; site censoring.
+
+Determinism: patient, exam and tumour generators are seeded from (seed, site name, patient index), so the
+bytes of the manifest and images do not depend on the number of worker processes.
+"""
+from __future__ import annotations
+
+import gzip
+import math
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from nrfm.config import BINARY_ENDPOINTS, CONTINUOUS_ENDPOINTS, ENDPOINTS
+from nrfm.errors import ConfigError, RunError
+from nrfm.synth.anatomy import ENHANCEMENT_GAIN, STRIPE, TISSUE, render_subject, site_grid
+from nrfm.synth.markers import FEATURES, MODEL, marginal_prevalence, oracle_posterior, sample_patients
+from nrfm.synth.sites import CONTRASTS, KNOWN_SITES, SiteTemplate, parse_site_spec
+
+MANIFEST_COLUMNS = ("subject_id", "patient_id", "site", "split", "t1", "t1c", "t2", "flair", "seg", "age", "sex",
+                    "grade") + ENDPOINTS + ("os_days", "os_event")
+_GZIP_LEVEL = 4  # level 6-9 saves under 2 % on noisy images at twice the time
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A cohort size and resolution preset."""
+
+    name: str
+    sites: str  # site spec used when ``sites`` is not given
+    spacing_scale: float  # multiplies each site's voxel spacing (coarser = faster)
+    max_spacing_mm: float  # cap per axis after scaling
+    description: str
+
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile("smoke", "UCSF:16,UPenn:14,CUIMC:10", 1.6, 6.0,
+                     "about 40 exams on a coarse ~4 mm grid: tests and the smoke config, seconds"),
+    "default": Profile("default", "UCSF:130,UPenn:110,CUIMC:50", 1.0, 6.0,
+                       "about 300 exams at native 2-5 mm: the kit's default data"),
+    "large": Profile("large", "UCSF:400,UPenn:360,CUIMC:120", 1.0, 6.0, "about 900 exams at native 2-5 mm"),
+}
+
+
+@dataclass(frozen=True)
+class SynthResult:
+    """What :func:`generate_cohort` made."""
+
+    manifest_path: Path
+    oracle_auc: pd.DataFrame  # endpoint, site (each site and "all"), n, n_pos, auc
+    seconds: float
+
+
+def _version() -> str:
+    try:
+        import nrfm
+
+        if getattr(nrfm, "__version__", None):
+            return str(nrfm.__version__)
+        from importlib.metadata import version
+
+        return version("nrfm")
+    except Exception:  # not installed (running from a checkout): the version is unknown, not an error
+        return "unknown"
+
+
+def _site_spacing(site: SiteTemplate, profile: Profile) -> tuple[float, float, float]:
+    return tuple(round(min(s * profile.spacing_scale, profile.max_spacing_mm), 3) for s in site.spacing)
+
+
+def _check_args(out: Path, profile: str, seed: int, force: bool) -> Profile:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"seed: must be a non-negative integer, got {seed!r}")
+    if profile not in PROFILES:
+        raise ConfigError(f"profile: unknown profile {profile!r}; valid: {list(PROFILES)}")
+    if out.exists():
+        if not out.is_dir():
+            raise RunError(f"{out}: exists and is not a folder")
+        entries = list(out.iterdir())
+        holds_cohort = (out / "cohort.json").exists() or (out / "manifest.csv").exists()
+        if entries and not holds_cohort:
+            raise RunError(f"{out}: folder is not empty and holds no synthetic cohort; choose a new or empty folder")
+        if holds_cohort and not force:
+            raise RunError(f"{out}: already holds a cohort (manifest.csv / cohort.json); pass --force to replace it")
+    return PROFILES[profile]
+
+
+def _nifti_gz(data: np.ndarray, affine: np.ndarray, dtype: type) -> bytes:
+    """NIfTI-1 bytes, gzip-compressed with mtime 0 (nibabel's own gzip writes a timestamp)."""
+    import nibabel as nib
+
+    if np.issubdtype(data.dtype, np.floating):  # scanner-like integer units, as real MR exports
+        data = np.round(data)
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
+    img.header.set_data_dtype(dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    return gzip.compress(img.to_bytes(), compresslevel=_GZIP_LEVEL, mtime=0)
+
+
+def _render_task(task: tuple) -> tuple[str, dict]:
+    """Render and write one exam (runs in a worker); returns per-label voxel counts."""
+    root, sid, site, spacing, latents, artifact, tumour_seed, scan_seed = task
+    grid = site_grid(site.orientation, spacing)
+    images, seg = render_subject(site, grid, latents, artifact, np.random.default_rng(scan_seed),
+                                 np.random.default_rng(tumour_seed))
+    folder = Path(root) / "images" / sid
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in CONTRASTS:
+        (folder / f"{name}.nii.gz").write_bytes(_nifti_gz(images[name], grid.affine, np.int16))
+    (folder / "seg.nii.gz").write_bytes(_nifti_gz(seg, grid.affine, np.uint8))
+    return sid, {int(k): int((seg == k).sum()) for k in (1, 2, 4)}
+
+
+def _exam_table(sites: list[tuple[SiteTemplate, int]], seed: int) -> tuple[pd.DataFrame, list]:
+    """Patients and their exams for every site, with oracle posteriors and generator seeds."""
+    frames = []
+    for site, n in sites:
+        key = zlib.crc32(site.name.encode("utf-8"))
+        rng = np.random.default_rng([seed, key])
+        pats = sample_patients(site, n, rng)
+        pats["patient_id"] = [f"{site.name}-{i:04d}" for i in range(1, n + 1)]
+        pats["patient_index"] = np.arange(n)
+        pats["tumour_seed"] = [[seed, key, i, 0] for i in range(n)]
+        followup = rng.random(n) < site.followup_fraction
+        fu = pats[followup].copy()
+        label = fu[site.artifact_endpoint].to_numpy()
+        fu["artifact"] = (rng.random(len(fu)) < np.where(label == 1, site.artifact_p[1], site.artifact_p[0])).astype(int)
+        pats["exam"], fu["exam"] = 1, 2
+        exams = pd.concat([pats, fu]).sort_values(["patient_id", "exam"], kind="stable").reset_index(drop=True)
+        exams["subject_id"] = exams["patient_id"] + "_" + exams["exam"].map("{:02d}".format)
+        exams["site"] = site.name
+        exams["scan_seed"] = [[seed, key, int(i), int(e)] for i, e in zip(exams["patient_index"], exams["exam"])]
+        post = oracle_posterior(exams, site)
+        for e in BINARY_ENDPOINTS:
+            exams[f"oracle_{e}"] = post[e].to_numpy()
+        for e in ENDPOINTS:  # reported labels: missing completely at random per site and endpoint
+            exams[f"observed_{e}"] = rng.random(len(exams)) >= site.missing[e]
+        frames.append(exams)
+    return pd.concat(frames, ignore_index=True), [s for s, _ in sites]
+
+
+def _manifest(exams: pd.DataFrame) -> pd.DataFrame:
+    man = pd.DataFrame({"subject_id": exams["subject_id"], "patient_id": exams["patient_id"],
+                        "site": exams["site"], "split": ""})
+    for c in CONTRASTS + ("seg",):
+        man[c] = "images/" + exams["subject_id"] + f"/{c}.nii.gz"
+    man["age"], man["sex"], man["grade"] = exams["age"], exams["sex"], exams["grade"]
+    for e in BINARY_ENDPOINTS:
+        man[e] = exams[e].astype("Int64").where(exams[f"observed_{e}"])
+    for e in CONTINUOUS_ENDPOINTS:
+        man[e] = exams[e].round(1).where(exams[f"observed_{e}"])
+    man["os_days"], man["os_event"] = exams["os_days"], exams["os_event"]
+    return man[list(MANIFEST_COLUMNS)]
+
+
+def _oracle(exams: pd.DataFrame) -> pd.DataFrame:
+    cols = {e: exams[f"oracle_{e}"].round(6) for e in BINARY_ENDPOINTS}
+    cols.update({e: exams[e].round(3) for e in CONTINUOUS_ENDPOINTS})
+    cols["artifact"] = exams["artifact"]
+    values = np.column_stack([np.asarray(v, dtype=float) for v in cols.values()])  # (exams, endpoints)
+    return pd.DataFrame({"subject_id": np.repeat(exams["subject_id"].to_numpy(), len(cols)),
+                         "endpoint": np.tile(list(cols), len(exams)), "value": values.ravel()})
+
+
+def oracle_auc_table(exams: pd.DataFrame, site_names: list[str]) -> pd.DataFrame:
+    """AUC of the oracle probability against the reported labels, per binary endpoint and site (+ ``all``)."""
+    from sklearn.metrics import roc_auc_score
+
+    rows = []
+    for e in BINARY_ENDPOINTS:
+        for site in list(site_names) + ["all"]:
+            sel = exams[f"observed_{e}"] & ((exams["site"] == site) if site != "all" else True)
+            y, p = exams.loc[sel, e].to_numpy(), exams.loc[sel, f"oracle_{e}"].to_numpy()
+            n_pos = int(y.sum())
+            auc = float(roc_auc_score(y, p)) if 0 < n_pos < len(y) else math.nan
+            rows.append({"endpoint": e, "site": site, "n": int(len(y)), "n_pos": n_pos, "auc": round(auc, 4)})
+    return pd.DataFrame(rows)
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _cohort_json(exams, sites, profile, seed, spec, spacings) -> dict:
+    per_site = []
+    for site in sites:
+        rows = exams[exams["site"] == site.name]
+        grid = site_grid(site.orientation, spacings[site.name])
+        per_site.append({
+            "template": site.as_dict(), "patients": int(rows["patient_id"].nunique()), "exams": int(len(rows)),
+            "grid": {"orientation": site.orientation, "spacing_mm": list(spacings[site.name]),
+                     "shape": list(grid.shape), "affine": grid.affine.round(4).tolist()},
+            "configured_prevalence": marginal_prevalence(site),
+            "realised_prevalence": {e: round(float(rows[e].mean()), 4) for e in BINARY_ENDPOINTS},
+            "labelled": {e: int(rows[f"observed_{e}"].sum()) for e in ENDPOINTS},
+            "artifact_rate": round(float(rows["artifact"].mean()), 4) if len(rows) else None,
+        })
+    return _plain({
+        "generator": "nrfm.synth.generate", "nrfm_version": _version(), "profile": profile.__dict__, "seed": int(seed),
+        "sites_spec": spec, "n_subjects": int(len(exams)), "n_patients": int(exams["patient_id"].nunique()),
+        "sites": per_site, "marker_model": MODEL, "phenotype_latents": list(FEATURES),
+        "anatomy": {"template": "nilearn MNI152 (ICBM 2009) GM/WM/brain mask, 2 mm", "tissue_intensity": TISSUE,
+                    "enhancement_gain": ENHANCEMENT_GAIN},
+        "artifact": {"kind": "stripe ghost: sinusoidal intensity modulation along the phase-encoding axis",
+                     **STRIPE, "per_site": {s.name: {"endpoint": s.artifact_endpoint, "p_if_label0": s.artifact_p[0],
+                                                     "p_if_label1": s.artifact_p[1]} for s in sites},
+                     "recorded_in": "oracle.csv endpoint 'artifact'"},
+        "oracle": "exact posterior over 576 (class, grade, marker) configurations given the phenotype latents, "
+                  "the artifact and the site; oracle_auc.csv uses labels reported in the manifest",
+    })
+
+
+def generate_cohort(out: Path, profile: str = "default", seed: int = 0, sites: str | None = None,
+                    force: bool = False, progress: bool = True, workers: int | None = None) -> SynthResult:
+    """Generate the synthetic cohort into ``out`` (see the module docstring for the files and the rules).
+
+    Args:
+        out: target folder; created, or replaced when it already holds a cohort and ``force`` is set.
+        profile: ``smoke``, ``default`` or ``large`` (:data:`PROFILES`).
+        seed: non-negative integer; the same seed gives the same bytes.
+        sites: site spec ``"NAME:COUNT,..."`` (patients per site); None = the profile's.
+        force: replace an existing cohort in ``out``.
+        progress: show a progress bar and print the oracle AUC table.
+        workers: rendering processes; None = min(2, CPU count). Output does not depend on it.
+    Raises:
+        ConfigError: bad profile, seed or site spec. RunError: ``out`` unusable or already a cohort.
+    """
+    start = time.perf_counter()
+    out = Path(out).resolve()  # a name to build the temp folder beside it, also for "." or "dir/"
+    prof = _check_args(out, profile, seed, force)
+    spec = sites if sites is not None else prof.sites
+    site_list = parse_site_spec(spec)
+    spacings = {s.name: _site_spacing(s, prof) for s, _ in site_list}
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir(parents=True)
+        exams, templates = _exam_table(site_list, int(seed))
+        for s in templates:  # build grids before forking so workers inherit them
+            site_grid(s.orientation, spacings[s.name])
+        by_name = {s.name: s for s in templates}
+        tasks = [(str(tmp), r.subject_id, by_name[r.site], spacings[r.site], {n: float(getattr(r, f"f_{n}"))
+                  for n in FEATURES}, bool(r.artifact), r.tumour_seed, r.scan_seed) for r in exams.itertuples()]
+        _render_all(tasks, workers, progress)
+        from nrfm.files import atomic_write_csv, atomic_write_json
+
+        atomic_write_csv(tmp / "manifest.csv", _manifest(exams))
+        atomic_write_csv(tmp / "oracle.csv", _oracle(exams))
+        table = oracle_auc_table(exams, [s.name for s in templates])
+        atomic_write_csv(tmp / "oracle_auc.csv", table)
+        atomic_write_json(tmp / "cohort.json", _cohort_json(exams, templates, prof, seed, spec, spacings))
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - start
+    if progress:
+        print(f"synthetic cohort: {len(exams)} exams at {[s.name for s in templates]} in {seconds:.1f} s -> {out}")
+        print("oracle AUC (Bayes limit given the image, reported labels):")
+        print(table.pivot(index="endpoint", columns="site", values="auc").loc[list(BINARY_ENDPOINTS)].to_string())
+    return SynthResult(manifest_path=out / "manifest.csv", oracle_auc=table, seconds=seconds)
+
+
+def _render_all(tasks: list, workers: int | None, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    n_workers = min(2, os.cpu_count() or 1) if workers is None else max(1, int(workers))
+    bar = tqdm(total=len(tasks), desc="synth images", unit="exam", disable=not progress, file=sys.stderr)
+    if n_workers == 1 or len(tasks) < 8:
+        for task in tasks:
+            _render_task(task)
+            bar.update()
+    else:
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        with multiprocessing.get_context(method).Pool(n_workers) as pool:
+            for _ in pool.imap_unordered(_render_task, tasks, chunksize=2):
+                bar.update()
+    bar.close()
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Move the finished cohort into place; an old cohort is moved aside first, then deleted."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def site_intensity_table(manifest_path: Path, contrast: str = "t1") -> pd.DataFrame:
+    """Mean and sd of the raw intensity inside the brain (non-zero voxels) per exam, with its site.
+
+    A helper for checking that site effects are present in the raw images (and, applied to preprocessed
+    arrays by the caller, that they shrink after preprocessing).
+    """
+    import nibabel as nib
+
+    if contrast not in CONTRASTS:
+        raise ConfigError(f"contrast: unknown contrast {contrast!r}; valid: {list(CONTRASTS)}")
+    manifest_path = Path(manifest_path)
+    man = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
+    rows = []
+    for r in man.itertuples():
+        data = np.asarray(nib.load(manifest_path.parent / getattr(r, contrast)).dataobj, dtype=np.float32)
+        brain = data[data != 0]
+        rows.append({"subject_id": r.subject_id, "site": r.site, "mean": float(brain.mean()), "sd": float(brain.std())})
+    return pd.DataFrame(rows)
+
+
+__all__ = ["PROFILES", "KNOWN_SITES", "Profile", "SynthResult", "generate_cohort", "oracle_auc_table",
+           "parse_site_spec", "site_intensity_table"]

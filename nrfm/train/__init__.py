@@ -1,0 +1,1 @@
+"""Training: SSL pretraining, fine-tuning with ERM / reweighted / group DRO, distribution, monitor."""

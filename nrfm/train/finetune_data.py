@@ -1,0 +1,255 @@
+"""Labels, groups and validation scores for :mod:`nrfm.train.finetune` (multi-task, unknown labels masked).
+
+* Targets: binary endpoints 0/1, continuous ones ``(log1p(percent) - mean) / sd`` with the training split's
+  mean and SD; unknown labels are NaN and never enter a loss.
+* Groups: one group per ``(endpoint, site, class)`` seen in training (``site_class``), or per
+  ``(endpoint, site)`` (``site``) or ``(endpoint, class)`` (``class``); the class of a continuous endpoint is
+  its binarized label. Groups are enumerated from the training labels, so none is empty.
+* Model selection: the worst-site mean validation AUC (see :func:`worst_site_mean_auc`).
+* Inputs of the trainable part: where the frozen part of a backbone ends (:func:`split_backbone`) and its
+  output for every subject, computed once per backbone and cached (:func:`frozen_inputs`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from nrfm.config import CONTINUOUS_ENDPOINTS, FinetuningConfig
+from nrfm.errors import CheckpointError, DataError, TrainingError
+from nrfm.files import atomic_torch_save, safe_torch_load
+from nrfm.eval.metrics import binarize, rank_auc, youden_threshold
+
+GROUPINGS = ("site_class", "site", "class")
+
+
+def cuts_of(cfg: FinetuningConfig) -> dict[str, float]:
+    """Binarization cuts (percent) of the continuous endpoints."""
+    return {"ki67": cfg.ki67_threshold, "tp53_ihc": cfg.tp53_ihc_threshold}
+
+
+def load_volumes(dataset, progress: bool = True) -> Tensor:
+    """(N, 4, D, H, W) float32 images of every dataset item, in order."""
+    images = []
+    for i in tqdm(range(len(dataset)), desc="volumes", disable=not progress, leave=False):
+        image = torch.as_tensor(np.asarray(dataset[i]["image"]), dtype=torch.float32)
+        if images and image.shape != images[0].shape:
+            raise DataError(f"dataset item {i}: image shape {tuple(image.shape)} differs from item 0's "
+                            f"{tuple(images[0].shape)}; fine-tuning needs one crop size")
+        images.append(image)
+    if not images:
+        raise DataError("the dataset is empty: nothing to fine-tune on")
+    return torch.stack(images)
+
+
+def regression_stats(train: pd.DataFrame, endpoints: Sequence[str]) -> tuple[Tensor, Tensor]:
+    """(E,) mean and SD of ``log1p(percent)`` over known training labels (0 / 1 for binary endpoints)."""
+    mean, std = torch.zeros(len(endpoints)), torch.ones(len(endpoints))
+    for j, endpoint in enumerate(endpoints):
+        if endpoint in CONTINUOUS_ENDPOINTS:
+            values = np.log1p(train[endpoint].dropna().to_numpy(dtype=float).clip(min=0))
+            if len(values) >= 2 and values.std() > 0:
+                mean[j], std[j] = float(values.mean()), float(values.std())
+    return mean, std
+
+
+def standardise_targets(frame: pd.DataFrame, endpoints: Sequence[str], mean: Tensor, std: Tensor) -> Tensor:
+    """(N, E) float32 training targets; NaN where the label is unknown."""
+    out = np.full((len(frame), len(endpoints)), np.nan, dtype=np.float32)
+    for j, endpoint in enumerate(endpoints):
+        y = frame[endpoint].to_numpy(dtype=float)
+        if endpoint in CONTINUOUS_ENDPOINTS:
+            y = (np.log1p(y.clip(min=0)) - float(mean[j])) / float(std[j])
+        out[:, j] = y
+    return torch.from_numpy(out)
+
+
+@dataclass
+class GroupSpec:
+    """Groups of the loss elements.
+
+    Attributes:
+        names: G names ``endpoint|site|class`` (``*`` where the grouping drops a part).
+        counts: (G,) training labels per group (all > 0).
+        index: (N, E) int64 group of each (row, endpoint) label; -1 if unknown or in no training group.
+    """
+
+    names: list[str]
+    counts: Tensor
+    index: Tensor
+
+
+def build_groups(frame: pd.DataFrame, endpoints: Sequence[str], train_rows: np.ndarray, grouping: str,
+                 cuts: Mapping[str, float]) -> GroupSpec:
+    """Enumerate the groups present in the training labels and index every (row, endpoint) label."""
+    if grouping not in GROUPINGS:
+        raise ValueError(f"unknown grouping {grouping!r}; valid: {list(GROUPINGS)}")
+    sites = frame["site"].astype(str).to_numpy()
+    in_train = np.zeros(len(frame), dtype=bool)
+    in_train[train_rows] = True
+    keys = np.empty((len(frame), len(endpoints)), dtype=object)
+    for j, endpoint in enumerate(endpoints):
+        y = frame[endpoint].to_numpy(dtype=float)
+        cls = binarize(endpoint, y, cuts)
+        for i in range(len(frame)):
+            if np.isfinite(y[i]):
+                site = sites[i] if grouping != "class" else "*"
+                label = str(int(cls[i])) if grouping != "site" else "*"
+                keys[i, j] = f"{endpoint}|{site}|{label}"
+    train_keys = [k for k in keys[in_train].ravel() if k is not None]
+    names = sorted(set(train_keys), key=lambda k: (list(endpoints).index(k.split("|")[0]), k))
+    position = {name: g for g, name in enumerate(names)}
+    index = np.vectorize(lambda k: position.get(k, -1) if k is not None else -1, otypes=[np.int64])(keys)
+    counts = torch.tensor([train_keys.count(n) for n in names], dtype=torch.float32)
+    return GroupSpec(names, counts, torch.from_numpy(index.reshape(len(frame), len(endpoints))))
+
+
+def youden_thresholds(val: pd.DataFrame, endpoints: Sequence[str], scores: Tensor,
+                      cuts: Mapping[str, float]) -> dict[str, float]:
+    """Per endpoint, Youden's-J threshold on the validation scores (NaN if validation has a single class)."""
+    out = {}
+    for j, endpoint in enumerate(endpoints):
+        y = val[endpoint].to_numpy(dtype=float)
+        known = np.isfinite(y)
+        out[endpoint] = youden_threshold(binarize(endpoint, y[known], cuts), scores[known, j].numpy())
+    return out
+
+
+def worst_site_mean_auc(val: pd.DataFrame, endpoints: Sequence[str], scores: Tensor,
+                        cuts: Mapping[str, float]) -> tuple[float, dict[str, float]]:
+    """Model-selection score: min over sites of the mean validation AUC over evaluable endpoints.
+
+    An endpoint is evaluable at a site when that site's known validation labels have both classes
+    (continuous endpoints binarized). Returns (score, {site: mean AUC}); the score is NaN when no site has an
+    evaluable endpoint.
+    """
+    per_site = {}
+    sites = val["site"].astype(str).to_numpy()
+    for site in sorted(set(sites)):
+        values = []
+        for j, endpoint in enumerate(endpoints):
+            y = val[endpoint].to_numpy(dtype=float)
+            keep = (sites == site) & np.isfinite(y)
+            value = rank_auc(binarize(endpoint, y[keep], cuts), scores[keep, j].numpy())
+            if np.isfinite(value):
+                values.append(value)
+        if values:
+            per_site[site] = float(np.mean(values))
+    return (min(per_site.values()) if per_site else float("nan")), per_site
+
+
+# ------------------------------------------------------------------------------ inputs of the trainable part
+@dataclass
+class BackboneSplit:
+    """``tail(trunk(x)) == backbone.embed(x)``; ``tail_modules`` are trained in ``partial`` mode."""
+
+    trunk: Callable[[Tensor], Tensor]
+    tail: Callable[[Tensor], Tensor]
+    tail_modules: list[nn.Module]
+
+
+def split_backbone(backbone: nn.Module, mode: str) -> BackboneSplit:
+    """Where the frozen part ends for ``mode`` (``linear``, ``partial`` or ``full``).
+
+    ``partial`` needs to know the architecture: a backbone may provide ``finetune_split() -> BackboneSplit``;
+    otherwise the kit's ResNet and ViT backbones are split before their last stage / block.
+    """
+    if mode == "linear":
+        return BackboneSplit(backbone.embed, lambda z: z, [])
+    if mode == "full":
+        return BackboneSplit(lambda x: x, backbone.embed, [backbone])
+    if mode != "partial":
+        raise ValueError(f"unknown fine-tuning mode {mode!r}; valid: ['full', 'linear', 'partial']")
+    if hasattr(backbone, "finetune_split"):
+        return backbone.finetune_split()
+    from nrfm.models.backbones import ResNetBackbone, ViTBackbone
+
+    if isinstance(backbone, ResNetBackbone):
+        net = backbone.net
+
+        def trunk(x: Tensor) -> Tensor:
+            backbone._check_input(x)
+            x = net.act(net.bn1(net.conv1(x)))
+            x = x if net.no_max_pool else net.maxpool(x)
+            return net.layer3(net.layer2(net.layer1(x)))
+
+        def tail(h: Tensor) -> Tensor:
+            return net.avgpool(net.layer4(h)).flatten(1)
+
+        return BackboneSplit(trunk, tail, [net.layer4])
+    if isinstance(backbone, ViTBackbone):
+        blocks = backbone.vit.blocks
+
+        def vit_trunk(x: Tensor) -> Tensor:
+            tok, _ = backbone.tokens(x)
+            for block in blocks[:-1]:
+                tok = block(tok)
+            return tok
+
+        def vit_tail(tok: Tensor) -> Tensor:
+            return backbone.vit.norm(blocks[-1](tok)).mean(dim=1)
+
+        return BackboneSplit(vit_trunk, vit_tail, [blocks[-1], backbone.vit.norm])
+    raise TrainingError(f"fine-tuning mode 'partial' does not know how to split a {type(backbone).__name__}; "
+                        "set finetuning.mode to 'full' or 'linear'")
+
+
+def autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@torch.no_grad()
+def apply_in_batches(fn: Callable[[Tensor], Tensor], inputs: Tensor, device: torch.device, bf16: bool,
+                     channels_last: bool, batch_size: int = 64) -> Tensor:
+    """``fn`` over ``inputs`` in batches, float32 result on the CPU."""
+    out = []
+    for start in range(0, len(inputs), batch_size):
+        x = to_device(inputs[start:start + batch_size], device, channels_last)
+        with autocast(device, bf16):
+            out.append(fn(x).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def to_device(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last_3d) if channels_last and x.ndim == 5 else x
+
+
+def _fingerprint(backbone: nn.Module, manifest: pd.DataFrame, cfg: FinetuningConfig, crop: tuple) -> str:
+    """Hash of the backbone weights, the subjects, and the settings that change the frozen features."""
+    digest = hashlib.sha256(json.dumps([cfg.mode, cfg.bf16, cfg.channels_last, list(crop),
+                                        manifest["subject_id"].astype(str).tolist()]).encode())
+    for name, tensor in sorted(backbone.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def frozen_inputs(ctx, method: str, backbone: nn.Module, split: BackboneSplit, progress: bool = True) -> Tensor:
+    """(N, ...) output of the frozen part for every manifest row; the volumes themselves in ``full`` mode.
+
+    The frozen features do not depend on the objective or the protocol, so they are computed once per backbone
+    and cached under ``artifacts/cache/`` (keyed by the backbone's weights, the subjects and the settings).
+    """
+    cfg = ctx.config.finetuning
+    manifest = ctx.manifest.reset_index(drop=True)
+    if cfg.mode == "full":
+        return load_volumes(ctx.dataset(progress=progress), progress)
+    key = _fingerprint(backbone, manifest, cfg, tuple(ctx.config.preprocessing.crop_size))[:16]
+    path = ctx.artifacts_dir / "cache" / f"finetune_inputs_{method}_{cfg.mode}_{key}.pt"
+    if path.is_file():
+        try:
+            return safe_torch_load(path)["inputs"]
+        except (CheckpointError, KeyError):
+            pass  # a damaged cache entry is recomputed and overwritten
+    volumes = load_volumes(ctx.dataset(progress=progress), progress)
+    inputs = apply_in_batches(split.trunk, volumes, ctx.device, cfg.bf16, cfg.channels_last)
+    atomic_torch_save(path, {"inputs": inputs})
+    return inputs

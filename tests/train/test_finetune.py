@@ -1,0 +1,206 @@
+"""nrfm.train.finetune end to end on a tiny fake cohort, and its pieces (masking, groups, backbone split)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from nrfm.config import BINARY_ENDPOINTS, CONTINUOUS_ENDPOINTS, ENDPOINTS, AnalysesConfig, Config, FinetuningConfig
+from nrfm.pipeline.context import RunContext
+from nrfm.train.finetune import FinetuneModel, elementwise_loss, load_finetuned, read_history, run_finetune_stage
+from nrfm.train.finetune_data import build_groups, split_backbone, standardise_targets, worst_site_mean_auc
+
+SIZE = 16
+CUTS = {"ki67": 10.0, "tp53_ihc": 10.0}
+
+
+class TinyBackbone(nn.Module):
+    """Stand-in with the Backbone interface: embed (B, 4, D, H, W) -> (B, 6)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(4, 6, 3, stride=2)
+        self.norm = nn.BatchNorm3d(6)
+        self.embed_dim = 6
+        self.arch = "tiny"
+
+    def embed(self, x):
+        return torch.relu(self.norm(self.conv(x))).mean(dim=(2, 3, 4))
+
+    def forward(self, x):
+        return self.embed(x)
+
+
+def fake_context(tmp_path, n=60, seed=0, **finetuning):
+    """Three sites, splits 60/20/20, labels driven by one latent that also shifts channel 0 of the image."""
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame({"subject_id": [f"s{i:03d}" for i in range(n)], "patient_id": [f"p{i:03d}" for i in range(n)],
+                       "site": np.array(["A", "B", "C"])[np.arange(n) % 3],
+                       "split": np.array(["train"] * 6 + ["val"] * 2 + ["test"] * 2)[rng.permutation(np.arange(n) % 10)]})
+    latent = rng.normal(size=n)
+    for endpoint in BINARY_ENDPOINTS:
+        y = (latent + rng.normal(size=n) > 0).astype(float)
+        y[rng.random(n) < 0.2] = np.nan
+        df[endpoint] = y
+    for endpoint in CONTINUOUS_ENDPOINTS:
+        y = np.exp(2 + latent + 0.5 * rng.normal(size=n)).clip(0, 100)
+        y[rng.random(n) < 0.2] = np.nan
+        df[endpoint] = y
+    images = rng.normal(size=(n, 4, SIZE, SIZE, SIZE)).astype(np.float32)
+    images[:, 0] += latent[:, None, None, None]
+    data = [{"image": images[i], "index": i} for i in range(n)]
+    cfg = Config(finetuning=FinetuningConfig(**{"epochs": 2, "batch_size": 8, **finetuning}),
+                 analyses=AnalysesConfig(bootstrap=20))
+    return RunContext(config=cfg, run_dir=tmp_path, manifest=df, cohort_dir=tmp_path, _dataset=data)
+
+
+def test_unknown_labels_are_masked_from_the_loss():
+    raw = torch.randn(3, 3, requires_grad=True)
+    targets = torch.tensor([[1.0, float("nan"), 0.5], [float("nan"), 0.0, float("nan")], [0.0, 1.0, -1.0]])
+    is_continuous = torch.tensor([False, False, True])
+    losses, known = elementwise_loss(raw, targets, is_continuous)
+    assert known.sum() == 6 and losses.shape == (6,)
+    expected = [nn.functional.binary_cross_entropy_with_logits(raw[0, 0], torch.tensor(1.0)),
+                (raw[0, 2] - 0.5) ** 2,
+                nn.functional.binary_cross_entropy_with_logits(raw[1, 1], torch.tensor(0.0)),
+                nn.functional.binary_cross_entropy_with_logits(raw[2, 0], torch.tensor(0.0)),
+                nn.functional.binary_cross_entropy_with_logits(raw[2, 1], torch.tensor(1.0)),
+                (raw[2, 2] + 1.0) ** 2]
+    torch.testing.assert_close(losses, torch.stack(expected))
+    losses.sum().backward()
+    assert raw.grad[0, 1] == 0 and raw.grad[1, 0] == 0 and raw.grad[1, 2] == 0  # unknown labels: no gradient
+
+
+def test_groups_are_endpoint_site_class_from_training_labels(tmp_path):
+    frame = pd.DataFrame({"site": ["A", "A", "B", "B", "B"], "idh": [1, 0, 1, np.nan, 0], "ki67": [2, 30, 50, 1, 3]})
+    spec = build_groups(frame, ("idh", "ki67"), np.array([0, 1, 2, 3]), "site_class", CUTS)
+    assert spec.names == ["idh|A|0", "idh|A|1", "idh|B|1", "ki67|A|0", "ki67|A|1", "ki67|B|0", "ki67|B|1"]
+    assert spec.counts.tolist() == [1, 1, 1, 1, 1, 1, 1]
+    assert spec.index[3, 0] == -1  # unknown label
+    assert spec.index[4, 0] == -1  # (idh, B, 0) has no training example: no group
+    assert spec.names[spec.index[2, 1]] == "ki67|B|1"  # 50 % >= 10 % cut
+    by_site = build_groups(frame, ("idh",), np.arange(5), "site", CUTS)
+    assert by_site.names == ["idh|A|*", "idh|B|*"] and by_site.counts.tolist() == [2, 2]
+    with pytest.raises(ValueError, match="valid"):
+        build_groups(frame, ("idh",), np.arange(5), "sites", CUTS)
+
+
+def test_targets_and_selection_score():
+    frame = pd.DataFrame({"site": ["A", "A", "B", "B"], "idh": [1, 0, 1, 0], "ki67": [1.0, 20.0, np.nan, 40.0]})
+    targets = standardise_targets(frame, ("idh", "ki67"), torch.tensor([0.0, 1.0]), torch.tensor([1.0, 2.0]))
+    assert torch.isnan(targets[2, 1])
+    assert targets[1, 1].item() == pytest.approx((np.log1p(20.0) - 1.0) / 2.0)
+    scores = torch.tensor([[0.9, 0.0], [0.1, 0.0], [0.2, 0.0], [0.8, 0.0]])
+    score, per_site = worst_site_mean_auc(frame, ("idh", "ki67"), scores, CUTS)
+    # A: idh perfect, ki67 tied (0.5); B: idh reversed, ki67 has one known label -> left out
+    assert per_site == {"A": 0.75, "B": 0.0} and score == 0.0
+
+
+@pytest.mark.parametrize("make", ["resnet", "vit"])
+def test_partial_split_reproduces_the_embedding(make):
+    from nrfm.models.backbones import ResNetBackbone, ViTBackbone
+
+    backbone = (ResNetBackbone("resnet10", 8, (SIZE,) * 3) if make == "resnet"
+                else ViTBackbone((SIZE,) * 3, 8, 24, 2, 2)).eval()
+    split = split_backbone(backbone, "partial")
+    x = torch.randn(2, 4, SIZE, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(split.tail(split.trunk(x)), backbone.embed(x))
+    trainable = {id(p) for m in split.tail_modules for p in m.parameters()}
+    assert 0 < len(trainable) < len(list(backbone.parameters()))
+    with pytest.raises(ValueError, match="valid"):
+        split_backbone(backbone, "half")
+
+
+def test_end_to_end_artifacts_and_round_trip(tmp_path):
+    ctx = fake_context(tmp_path, mode="full", bf16=False, channels_last=False)
+    torch.manual_seed(0)
+    result = run_finetune_stage(ctx, "byol", "dro", "pooled", progress=False, backbone=TinyBackbone())
+    pred = pd.read_csv(ctx.artifacts_dir / "predictions_byol_dro_pooled.csv", dtype={"subject_id": str})
+    assert list(pred.columns) == ["subject_id", "patient_id", "site", "split", "fold", "endpoint", "y_true",
+                                  "y_score", "threshold", "seed"]
+    assert set(pred["endpoint"]) == set(ENDPOINTS) and set(pred["fold"]) == {"pooled"}
+    assert pred["y_true"].notna().all()  # unknown labels are not predictions rows
+    binary = pred[pred["endpoint"].isin(BINARY_ENDPOINTS)]
+    assert binary["y_score"].between(0, 1).all()
+    assert pred[pred["endpoint"] == "ki67"]["y_score"].between(0, 100).all()
+    for stage in ("pretrained", "dro"):
+        emb = np.load(ctx.artifacts_dir / f"embeddings_byol_{stage}.npz")
+        assert emb["subject_id"].tolist() == ctx.manifest["subject_id"].tolist()
+        assert emb["embedding"].shape == (60, 6) and emb["embedding"].dtype == np.float32
+    # full mode trains the backbone: the embedding changed
+    assert not np.allclose(np.load(ctx.artifacts_dir / "embeddings_byol_pretrained.npz")["embedding"], emb["embedding"])
+    path = ctx.checkpoints_dir / "byol" / "finetune_dro_pooled.pt"
+    raw = torch.load(path, weights_only=True)
+    assert raw["objective_state"]["q"].shape == (len(raw["groups"]),)
+    assert raw["objective_state"]["q"].sum().item() == pytest.approx(1.0)
+    model = load_finetuned(ctx, "byol", "dro", backbone=TinyBackbone())
+    assert isinstance(model, FinetuneModel) and model.endpoints == ENDPOINTS
+    x = torch.from_numpy(np.stack([ctx.dataset()[i]["image"] for i in range(4)]))
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (4, len(ENDPOINTS))
+    test_rows = pred[(pred["subject_id"].isin(ctx.manifest["subject_id"][:4])) & (pred["endpoint"] == "idh")]
+    for _, row in test_rows.iterrows():
+        i = int(np.flatnonzero(ctx.manifest["subject_id"] == row["subject_id"])[0])
+        assert torch.sigmoid(out[i, ENDPOINTS.index("idh")]).item() == pytest.approx(row["y_score"], abs=1e-5)
+    molecular = ctx.read_metrics("molecular")
+    assert len(molecular) == len(result.metrics) == len(ENDPOINTS) * 5
+    history = read_history(ctx, "byol", "dro")
+    epochs = history["folds"]["pooled"]["epochs"]
+    assert [e["epoch"] for e in epochs] == [1, 2] and len(epochs[0]["q"]) == len(raw["groups"])
+
+
+def test_loso_partial_with_a_real_backbone(tmp_path):
+    from nrfm.models.backbones import ResNetBackbone
+
+    ctx = fake_context(tmp_path, mode="partial")
+    backbone = ResNetBackbone("resnet10", 8, (SIZE,) * 3)
+    result = run_finetune_stage(ctx, "moco", "erm", "loso", progress=False, backbone=backbone)
+    pred = pd.read_csv(result.predictions_path)
+    assert set(pred["fold"]) == {"A", "B", "C"}
+    for fold, part in pred.groupby("fold"):
+        held = part[part["site"] == fold]
+        assert (held["split"] == "test").all()  # every subject of the held-out site is tested
+        assert (part[part["site"] != fold]["split"] != "test").all()
+        assert held["subject_id"].nunique() == int((ctx.manifest["site"] == fold).sum())
+    assert set(result.metrics["protocol"]) == {"loso"}
+    assert not (ctx.checkpoints_dir / "moco" / "finetune_erm_loso.pt").exists()
+    # the frozen features are cached once per backbone (objectives and protocols reuse them)
+    assert len(list((ctx.artifacts_dir / "cache").glob("finetune_inputs_moco_partial_*.pt"))) == 1
+
+
+def test_unknown_names_raise(tmp_path):
+    ctx = fake_context(tmp_path, mode="linear")
+    with pytest.raises(ValueError, match="valid"):
+        run_finetune_stage(ctx, "byol", "irm", "pooled", backbone=TinyBackbone())
+    with pytest.raises(ValueError, match="valid"):
+        run_finetune_stage(ctx, "byol", "dro", "kfold", backbone=TinyBackbone())
+
+
+def test_figures_tables_and_paired_deltas(tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    from nrfm.plots import finetune as finetune_plots
+
+    ctx = fake_context(tmp_path, mode="linear")
+    for objective in ("erm", "dro"):
+        run_finetune_stage(ctx, "byol", objective, "pooled", progress=False, backbone=TinyBackbone())
+    for make in (finetune_plots.training_curves_figure, finetune_plots.group_weights_figure, finetune_plots.roc_figure):
+        make(ctx, "byol")
+    for name in ("finetune_curves_byol_pooled", "dro_group_weights_byol_pooled", "roc_byol_pooled"):
+        assert (ctx.figures_dir / f"{name}.png").stat().st_size > 0
+    table = finetune_plots.molecular_paper_table(ctx)
+    assert list(table.index) == list(ENDPOINTS)
+    assert ("all", "byol", "ERM") in table.columns and ("all", "byol", "+DRO") in table.columns
+    deltas = finetune_plots.dro_deltas(ctx, methods=["byol"], n_boot=50)
+    row = deltas[(deltas["site"] == "all") & (deltas["endpoint"] == "idh")].iloc[0]
+    erm = pd.read_csv(ctx.artifacts_dir / "predictions_byol_erm_pooled.csv")
+    dro = pd.read_csv(ctx.artifacts_dir / "predictions_byol_dro_pooled.csv")
+    pick = lambda f: f[(f["split"] == "test") & (f["endpoint"] == "idh")].sort_values("subject_id")  # noqa: E731
+    expected = roc_auc_score(pick(dro)["y_true"], pick(dro)["y_score"]) - roc_auc_score(pick(erm)["y_true"],
+                                                                                         pick(erm)["y_score"])
+    assert row["delta"] == pytest.approx(expected)
+    assert row["ci_low"] <= row["delta"] <= row["ci_high"]
