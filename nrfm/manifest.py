@@ -498,6 +498,7 @@ class Fold:
     """One fold of a protocol: integer row positions (into the manifest as given) of each role.
 
     ``notes`` say what the builder left out and why (also shown in tables); rows in no role are not used.
+    A fold unpacks as ``name, train, val, test = fold``.
     """
 
     name: str
@@ -505,6 +506,9 @@ class Fold:
     val: np.ndarray
     test: np.ndarray
     notes: tuple[str, ...] = ()
+
+    def __iter__(self):
+        return iter((self.name, self.train, self.val, self.test))
 
 
 def fold_rows(df: pd.DataFrame, protocol: str, pretrained_subjects: "set[str] | list[str] | None" = None) -> list[Fold]:
@@ -567,6 +571,8 @@ def fold_rows(df: pd.DataFrame, protocol: str, pretrained_subjects: "set[str] | 
             test = np.setdiff1d(test, pretrained)
             notes.append(f"held-out site {held}: {len(test)} of {len(candidates)} exams scored, those pretraining "
                          f"never saw ({len(pretrained)} pretraining exams left out; analyses.loso_pretrain=unseen_only)")
+        if not len(test):
+            notes.append(f"held-out site {held}: no exam left to score after the rules above")
         both = set(patient[test]) & used
         if both:  # the rule above makes this impossible; kept as the guarantee's last line
             raise LeakageError(f"leave-one-site-out fold holding out {held!r}: patients {sorted(both)} on both sides")
