@@ -428,7 +428,7 @@ def evaluation_only_sites(df: pd.DataFrame, min_patients: int = MIN_SPLIT_PATIEN
 
 
 def small_groups(df: pd.DataFrame, endpoint: str | None = None, min_train: int = MIN_GROUP_TRAIN,
-                 cuts: dict[str, float] | None = None) -> pd.DataFrame:
+                 cuts: dict[str, float] | None = None, train_fraction: float = 0.6) -> pd.DataFrame:
     """What the small-group rule leaves out of splitting and of the DRO grouping.
 
     Args:
@@ -441,8 +441,8 @@ def small_groups(df: pd.DataFrame, endpoint: str | None = None, min_train: int =
     Returns:
         One row per site or group left out: ``kind`` (``site`` or ``site_class``), ``site``, ``endpoint``,
         ``label`` (class, NaN for sites), ``count`` (patients for a site; training exams for a group: the
-        ``train`` rows when every row has a split, else every labelled exam), ``line`` (first manifest line,
-        when known) and ``action``.
+        ``train`` rows when every row has a split, else the expected number, ``train_fraction`` of the
+        labelled exams rounded down), ``line`` (first manifest line, when known) and ``action``.
     """
     columns = ["kind", "site", "endpoint", "label", "count", "line", "action"]
     lines = np.asarray(df.attrs.get("lines", np.arange(len(df)) + 2))
@@ -461,12 +461,13 @@ def small_groups(df: pd.DataFrame, endpoint: str | None = None, min_train: int =
             values = np.where(np.isnan(values), np.nan, (values >= cuts[endpoint]).astype(float))
         elif endpoint not in BINARY_ENDPOINTS:
             raise ValueError(f"unknown endpoint {endpoint!r}; valid: {list(ENDPOINTS)}")
-        in_train = (df["split"].to_numpy() == "train") if df["split"].isin(SPLITS).all() else np.ones(len(df), bool)
+        has_splits = bool(df["split"].isin(SPLITS).all())
+        in_train = df["split"].to_numpy() == "train"
         site_of = df["site"].to_numpy()
         for site in sorted(set(site_of) - set(excluded)):
             for label in (0.0, 1.0):
                 members = np.flatnonzero((site_of == site) & (values == label))
-                count = int(in_train[members].sum())
+                count = int(in_train[members].sum()) if has_splits else int(len(members) * train_fraction)
                 if 0 < count < min_train:
                     rows.append({"kind": "site_class", "site": str(site), "endpoint": endpoint, "label": label,
                                  "count": count, "line": int(lines[members[0]]), "action": NOT_WEIGHTED})
@@ -483,7 +484,7 @@ def _small_group_warnings(df: pd.DataFrame, path: Path) -> list[str]:
                 out.append(f"{path}:{r.line}:site: site {r.site!r} has {r.count} patient(s), fewer than "
                            f"{MIN_SPLIT_PATIENTS} needed to split it: {r.action}")
             elif r.kind == "site_class":
-                where = "train exams" if df["split"].isin(SPLITS).all() else "labelled exams"
+                where = "train exams" if df["split"].isin(SPLITS).all() else "expected train exams"
                 out.append(f"{path}:{r.line}:{endpoint}: site {r.site!r}, {endpoint}={r.label:g}: {r.count} {where}, "
                            f"fewer than {MIN_GROUP_TRAIN}: {r.action}")
     return out
