@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 
 from nrfm.config import CONTINUOUS_ENDPOINTS, OBJECTIVES, PROTOCOLS, FinetuningConfig
 from nrfm.dro import GroupDRO, build_objective
-from nrfm.errors import CheckpointError, TrainingError
+from nrfm.errors import CheckpointError, ConfigError, TrainingError
 from nrfm.files import atomic_torch_save, atomic_write_bytes, atomic_write_csv, atomic_write_json, safe_torch_load
 from nrfm.finetune_data import (GroupSpec, apply_in_batches, autocast, build_groups, cuts_of, frozen_inputs,
                                 to_device, regression_stats, split_backbone, standardise_targets,
@@ -261,6 +261,9 @@ def _loso_pretrained_subjects(ctx, protocol: str) -> list[str] | None:
     """The exams a LOSO fold must not score (``analyses.loso_pretrain = unseen_only``): those pretraining saw."""
     if protocol != "loso":
         return None
+    if ctx.config.analyses.loso_pretrain != "unseen_only":  # the config check refuses 'exclude' already
+        raise ConfigError(f"{ctx.config.source}: analyses.loso_pretrain: {ctx.config.analyses.loso_pretrain!r} "
+                          "is not implemented; use 'unseen_only'")
     from nrfm.pretrain import pretraining_subjects
 
     return pretraining_subjects(ctx.manifest)
