@@ -252,6 +252,10 @@ class AnalysesConfig:
     survival_dro_lr: float = 0.05
     survival_dro_eta: float = 0.01  # group DRO step size over sites for the survival head
     gradcam_target_layer: str = ""  # dotted module name in the fine-tuned model; empty = the backbone's choice
+    # LOSO and pretraining: unseen_only = a fold scores only the held-out site's exams that self-supervised
+    # pretraining never saw (pretraining uses every site's train split); exclude = pretrain per fold without
+    # the held-out site (not implemented yet)
+    loso_pretrain: str = "unseen_only"
 
     def _check(self) -> None:
         _require(self.site_probe_folds >= 2, "site_probe_folds", f"must be >= 2, got {self.site_probe_folds}")
@@ -271,6 +275,11 @@ class AnalysesConfig:
                  f"unknown class {self.gradcam_class!r}; valid: {list(GRADCAM_CLASSES)}")
         _require(self.gradcam_subjects_per_site >= 1, "gradcam_subjects_per_site", "must be >= 1")
         _require(self.peritumoral_margin_mm > 0, "peritumoral_margin_mm", "must be > 0")
+        _require(self.loso_pretrain in ("unseen_only", "exclude"), "loso_pretrain",
+                 f"unknown value {self.loso_pretrain!r}; valid: ['unseen_only', 'exclude']")
+        _require(self.loso_pretrain != "exclude", "loso_pretrain",
+                 "'exclude' (pretraining once per fold without the held-out site) is not implemented; "
+                 "use 'unseen_only' (each fold scores only the held-out exams pretraining never saw)")
 
 
 @dataclass(frozen=True)

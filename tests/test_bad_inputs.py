@@ -333,3 +333,68 @@ def test_every_user_error_is_an_nrfm_error():
     """The CLI prints NrfmError subclasses as one line; anything else would be a traceback (a bug)."""
     for cls in (CheckpointError, ConfigError, RunError):
         assert issubclass(cls, NrfmError)
+
+
+# ------------------------------------------------------------------- numbers read right or refused (issue 17)
+@pytest.mark.parametrize("sep, value, column", [
+    (",", "1,200", "os_days"),  # was read as 1.2 days: a thousands separator in a comma-separated file
+    (",", "12,5", "ki67"),  # a decimal comma in a comma-separated file cannot be told from 1,200
+    (",", "1_200", "os_days"),  # Python's float() would read 1200
+])
+def test_thousands_separators_are_refused_with_file_row_column(capsys, cohort, sep, value, column):
+    path, rows = cohort
+    rows[2][column] = value
+    pd.DataFrame(rows, columns=list(COLUMNS)).to_csv(path, index=False, sep=sep)
+    code, _ = run_cli(capsys, "validate", str(path), "--no-images", "--quiet")
+    assert code == 1
+    assert any(ln.startswith(f"{path}:4:{column}: not a number: {value!r}") for ln in run_cli.errors), run_cli.stdout
+
+
+def test_decimal_commas_are_read_only_in_semicolon_files(cohort):
+    from nrfm.errors import ManifestError
+    from nrfm.data.manifest import read_manifest
+
+    path, rows = cohort
+    rows[2]["os_days"], rows[2]["ki67"] = "1200,5", "12,5"
+    pd.DataFrame(rows, columns=list(COLUMNS)).to_csv(path, index=False, sep=";")
+    df = read_manifest(path)
+    assert df["os_days"].iloc[2] == 1200.5 and df["ki67"].iloc[2] == 12.5
+    for value in ("1.200,5", "1,200,000"):  # thousands separators in a ';' file: refused too
+        rows[2]["os_days"] = value
+        pd.DataFrame(rows, columns=list(COLUMNS)).to_csv(path, index=False, sep=";")
+        with pytest.raises(ManifestError, match=rf"^{path}:4:os_days: not a number"):
+            read_manifest(path)
+    rows[2]["os_days"] = 102
+    pd.DataFrame(rows, columns=list(COLUMNS)).to_csv(path, index=False)  # ',' file, the cell quoted "12,5"
+    with pytest.raises(ManifestError, match=rf"^{path}:4:ki67: not a number: '12,5' \(a comma in a number"):
+        read_manifest(path)
+
+
+# --------------------------------------------------------------- small sites handled by design (issue 17)
+def test_site_with_one_exam_is_a_warning_naming_it_and_evaluation_only(capsys, tmp_path):
+    from nrfm.data.manifest import assign_splits, read_manifest, small_groups
+
+    path, rows = tiny_cohort(tmp_path, n=9)
+    for row in rows:
+        row["site"] = "A" if row["subject_id"] != "S008" else "TINY"
+        row["idh"] = int(row["subject_id"] in ("S000", "S001"))  # site A: 2 IDH-mutant patients, ~1 in training
+    write_manifest(path, rows)
+    code, _ = run_cli(capsys, "validate", str(path), "--no-images", "--quiet")
+    assert code == 0, run_cli.stdout
+    warnings = [ln for ln in run_cli.stdout.splitlines() if ln.startswith("warning: ")]
+    assert [w for w in warnings if f"{path}:10:site: site 'TINY' has 1 patient" in w
+            and "kept for evaluation only" in w], run_cli.stdout
+    # (site, class) groups too small to weight are named too, with what happens to them
+    assert [w for w in warnings if ":idh: site 'A', idh=" in w and "left out of the DRO grouping" in w], run_cli.stdout
+    df = assign_splits(read_manifest(path), seed=0)
+    assert df.loc[df["site"] == "TINY", "split"].tolist() == ["test"]  # the split assignment follows the rule
+    table = small_groups(df, "idh")
+    assert table[table["kind"] == "site"]["site"].tolist() == ["TINY"]
+
+
+def test_loso_exclude_is_refused_as_not_implemented(capsys, tmp_path):
+    out = tmp_path / "reports"
+    code, err = run_cli(capsys, "run", "--config", _config(tmp_path, "analyses:\n  loso_pretrain: exclude\n"),
+                        "--out", str(out))
+    assert code == 2 and not out.exists()
+    assert_one_line(err, "bad.yaml", "analyses.loso_pretrain", "not implemented")

@@ -34,9 +34,31 @@ def cohort_table(ctx: RunContext) -> pd.DataFrame:
         for endpoint in CONTINUOUS_ENDPOINTS:
             row[f"{endpoint}_median"] = float(part[endpoint].median()) if part[endpoint].notna().any() else np.nan
         row["os_events"] = int(part["os_event"].fillna(0).sum())
-        row["os_median_days"] = float(part["os_days"].median()) if part["os_days"].notna().any() else np.nan
+        row["os_median_days"] = km_median_os_days(part)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+NOT_REACHED = "not reached"
+
+
+def km_median_os_days(frame: pd.DataFrame) -> float | str:
+    """Kaplan-Meier median overall survival in days, one exam per patient (its first with known survival).
+
+    The plain median of follow-up times treats censored patients as deaths and is biased low; the KM median
+    is the first time the survival estimate drops to 0.5 or below (lifelines ``median_survival_time_``).
+    Returns :data:`NOT_REACHED` when the curve never gets there (too few deaths), NaN without survival data.
+    """
+    from lifelines import KaplanMeierFitter
+
+    known = frame.dropna(subset=["os_days", "os_event"])
+    if "patient_id" in known:
+        known = known.drop_duplicates("patient_id")
+    if known.empty:
+        return np.nan
+    kmf = KaplanMeierFitter().fit(known["os_days"].astype(float), known["os_event"].astype(int))
+    median = float(kmf.median_survival_time_)
+    return median if np.isfinite(median) else NOT_REACHED
 
 
 def prevalence_long(ctx: RunContext) -> pd.DataFrame:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,8 +57,10 @@ class ValidationResult:
 
 
 # ----------------------------------------------------------------------------------------------- reading
-def _load_raw(path: Path) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
-    """Read the CSV as strings. Returns (frame, editor line number of each row, notes on optional columns)."""
+def _load_raw(path: Path) -> tuple[pd.DataFrame, np.ndarray, list[str], str]:
+    """Read the CSV as strings.
+
+    Returns (frame, editor line number of each row, notes on optional columns, the field separator)."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found")
@@ -95,10 +98,34 @@ def _load_raw(path: Path) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
         if c not in raw.columns:
             raw[c] = ""
     extras = [c for c in raw.columns if c not in COLUMNS]
-    return raw[list(COLUMNS) + extras], lines, notes
+    return raw[list(COLUMNS) + extras], lines, notes, sep
 
 
-def _parse(raw: pd.DataFrame, path: Path, lines: np.ndarray, errors: list[str] | None) -> pd.DataFrame:
+def parse_number(text: str, sep: str) -> float:
+    """One numeric cell of a manifest whose field separator is ``sep``; ValueError with the reason if refused.
+
+    A decimal comma (``12,5``) is read only in a ``;``-separated file, where European spreadsheets write it and
+    it cannot be a thousands separator. Thousands separators are refused everywhere (``1,200``, ``1.200,5``,
+    ``1_200``): ``1,200`` is 1200 to one reader and 1.2 to another, and a silently wrong number is worse than
+    an error. ``inf``/``nan`` spelled out are refused too (unknown is an empty cell).
+    """
+    if "_" in text:
+        raise ValueError("digit grouping with '_' is not accepted; write the plain number")
+    if "," in text:
+        if sep != ";":
+            raise ValueError(f"a comma in a number in a {sep!r}-separated file is a thousands separator or a "
+                             "decimal comma, which cannot be told apart; write the plain number (1200 or 1.2); "
+                             "decimal commas are read only in ';'-separated files")
+        if text.count(",") > 1 or "." in text:
+            raise ValueError("thousands separators are not accepted; write the plain number (e.g. 1200,5)")
+        text = text.replace(",", ".")
+    value = float(text)
+    if not np.isfinite(value):
+        raise ValueError("not a finite number")
+    return value
+
+
+def _parse(raw: pd.DataFrame, path: Path, lines: np.ndarray, errors: list[str] | None, sep: str = ",") -> pd.DataFrame:
     """Convert to canonical dtypes; collect problems into ``errors`` or, if None, raise the first."""
     df = raw.copy()
     for col in NUMERIC_COLUMNS:
@@ -106,13 +133,12 @@ def _parse(raw: pd.DataFrame, path: Path, lines: np.ndarray, errors: list[str] |
         for i, text in enumerate(df[col]):
             if text.lower() in UNKNOWN_VALUES:
                 continue
-            try:  # a decimal comma (European Excel) is accepted
-                values[i] = float(text.replace(",", ".") if text.count(",") == 1 and "." not in text else text)
-                if not np.isfinite(values[i]):
-                    raise ValueError(text)
-            except ValueError:
+            try:
+                values[i] = parse_number(text, sep)
+            except ValueError as err:
                 values[i] = np.nan
-                message = f"{path}:{lines[i]}:{col}: not a number: {text!r} (leave empty for unknown)"
+                reason = str(err) if "," in text or "_" in text else "leave empty for unknown"
+                message = f"{path}:{lines[i]}:{col}: not a number: {text!r} ({reason})"
                 if errors is None:
                     raise ManifestError(message) from None
                 errors.append(message)
@@ -129,7 +155,8 @@ def read_manifest(path: Path) -> pd.DataFrame:
 
     ids, site, split, sex and paths stay strings (``"00123"`` keeps its zeros); age, grade, markers and
     survival are float with NaN for unknown. A UTF-8 BOM, ``;`` or tab separators and CRLF line endings are
-    read as such. Paths come back absolute (relative ones are taken from the manifest's folder). Columns
+    read as such; numbers follow :func:`parse_number` (decimal commas only in ``;`` files, no thousands
+    separators). Paths come back absolute (relative ones are taken from the manifest's folder). Columns
     follow :data:`COLUMNS` (absent optional ones are added empty), then any extra columns in file order.
     ``df.attrs["lines"]`` holds each row's line number in the file, ``df.attrs["source"]`` the path.
 
@@ -137,8 +164,8 @@ def read_manifest(path: Path) -> pd.DataFrame:
         ManifestError: ``file:row:column: message`` for a missing required column, a duplicated column or a
             value that is not a number. Value ranges are checked by :func:`validate_manifest`.
     """
-    raw, lines, _ = _load_raw(Path(path))
-    df = _parse(raw, Path(path), lines, errors=None)
+    raw, lines, _, sep = _load_raw(Path(path))
+    df = _parse(raw, Path(path), lines, errors=None, sep=sep)
     df.attrs["lines"] = [int(n) for n in lines]
     df.attrs["source"] = str(path)
     return df
@@ -191,7 +218,8 @@ def _check_leaks(df: pd.DataFrame, path: Path, lines: np.ndarray, errors: list[s
     for i, row in enumerate(df.itertuples(index=False)):
         pid, at = row.patient_id, f"{path}:{lines[i]}"
         if pid and site_of.setdefault(pid, row.site) != row.site and site_of[pid] != "reported":
-            warnings.append(f"{at}:site: patient {pid!r} appears at sites {site_of[pid]!r} and {row.site!r}")
+            warnings.append(f"{at}:site: patient {pid!r} appears at sites {site_of[pid]!r} and {row.site!r}; in "
+                            "leave-one-site-out folds the exams at the held-out site are left out of its test set")
             site_of[pid] = "reported"
         if not pid or row.split not in SPLITS:
             continue
@@ -246,7 +274,8 @@ def validate_manifest(path: Path, check_images: bool = True, progress: bool = Tr
 
     Checks: required columns, unique subject ids, non-empty ids/site/image paths, split values, binary
     markers in {0, 1, empty}, continuous markers in [0, 100], age, survival time > 0 with event in {0, 1},
-    one patient never in two splits. With ``check_images``: each path exists and is a readable, complete,
+    one patient never in two splits; sites and (site, class) groups too small to split or to weight are
+    warnings saying what will happen to them (:func:`small_groups`). With ``check_images``: each path exists and is a readable, complete,
     3-D NIfTI with finite voxels; a subject's contrasts and mask share shape and affine (within
     :data:`nrfm.data.preprocessing.AFFINE_TOL_MM`); mask labels are in {0, 1, 2, 3, 4}. An all-zero tumour mask is a
     warning: the exam stays usable and its crop falls back to the brain centre.
@@ -259,13 +288,16 @@ def validate_manifest(path: Path, check_images: bool = True, progress: bool = Tr
     errors: list[str] = []
     warnings: list[str] = []
     try:
-        raw, lines, notes = _load_raw(path)
+        raw, lines, notes, sep = _load_raw(path)
     except ManifestError as err:
         return ValidationResult([str(err)], [], pd.DataFrame(), path)
     warnings += notes
-    df = _parse(raw, path, lines, errors)
+    df = _parse(raw, path, lines, errors, sep=sep)
     _check_values(df, path, lines, errors, warnings)
     _check_leaks(df, path, lines, errors, warnings)
+    if len(df) and not errors:
+        df.attrs["lines"] = [int(n) for n in lines]
+        warnings += _small_group_warnings(df, path)
     if check_images:
         from nrfm.data.preprocessing import check_subject_files  # MONAI itself is only imported to preprocess
 
@@ -301,7 +333,9 @@ def assign_splits(df: pd.DataFrame, seed: int, endpoint: str = "idh",
     site are grouped by their label (first known label over their exams; unknown is its own stratum),
     shuffled within the stratum, laid out stratum after stratum, and each position takes the split that is
     furthest below its target share so far (largest-deficit rounding): every stratum and the site as a whole
-    get the fractions to within one patient. A site with >= 3 patients then gets at least one in each split.
+    get the fractions to within one patient. A site with >= 3 patients then gets at least one in each split;
+    a site with fewer (:data:`MIN_SPLIT_PATIENTS`) cannot be split and is kept for evaluation only: its
+    patients go to ``test`` (``nrfm validate`` warns about it, :func:`small_groups` lists it).
 
     Args:
         df: manifest as from :func:`read_manifest`.
@@ -328,8 +362,12 @@ def assign_splits(df: pd.DataFrame, seed: int, endpoint: str = "idh",
     rng = np.random.default_rng(seed)
     target = np.asarray(fractions)
     chosen: dict[str, str] = {}
+    evaluation_only = set(evaluation_only_sites(out))
     for site in sorted(todo["site"].unique()):
         part = todo[todo["site"] == site]
+        if site in evaluation_only:  # too few patients to split (MIN_SPLIT_PATIENTS): evaluation only
+            chosen.update({pid: "test" for pid in part["patient_id"].unique()})
+            continue
         labels = part.groupby("patient_id", sort=True)[endpoint].agg(
             lambda s: s.dropna().iloc[0] if s.notna().any() else -1.0)
         order: list[str] = []
@@ -362,29 +400,196 @@ def assign_splits(df: pd.DataFrame, seed: int, endpoint: str = "idh",
     return out
 
 
-def loso_folds(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    """Leave-one-site-out folds: one ``(held_out_site, frame)`` per site, in site order.
+# ------------------------------------------------------------------------------------------- small groups
+# The rule for groups too small to split or to weight, in one place (validate warns with it, assign_splits
+# follows it, the DRO grouping can call small_groups):
+#   * a site with fewer than MIN_SPLIT_PATIENTS patients cannot have a train, a validation and a test patient:
+#     it is kept for evaluation only (every exam of it goes to the test split; it is never trained on);
+#   * a (site, class) group of an endpoint with fewer than MIN_GROUP_TRAIN training exams is too small to
+#     weight: it is left out of the DRO grouping (its exams still count in the ERM mean).
+MIN_SPLIT_PATIENTS = 3
+MIN_GROUP_TRAIN = 3
+EVALUATION_ONLY = "kept for evaluation only: all its exams go to the test split and it is never trained on"
+NOT_WEIGHTED = "left out of the DRO grouping (too few to weight; its exams still count in the ERM mean)"
 
-    In each frame the held-out site's rows are ``test``; the other sites keep ``train`` and ``val``, and their
-    own ``test`` rows move to ``train`` (in LOSO the only test set is the unseen site, and those patients are
-    then used to learn rather than left idle; ``val`` stays for model selection). Splits must be assigned
-    first (:func:`assign_splits`).
+
+def evaluation_only_sites(df: pd.DataFrame, min_patients: int = MIN_SPLIT_PATIENTS) -> list[str]:
+    """Sites with fewer than ``min_patients`` patients: test split only (see :data:`EVALUATION_ONLY`)."""
+    patients = df.groupby("site")["patient_id"].nunique()
+    return sorted(str(s) for s in patients.index[patients < min_patients])
+
+
+def small_groups(df: pd.DataFrame, endpoint: str | None = None, min_train: int = MIN_GROUP_TRAIN,
+                 cuts: dict[str, float] | None = None, train_fraction: float = 0.6) -> pd.DataFrame:
+    """What the small-group rule leaves out of splitting and of the DRO grouping.
+
+    Args:
+        df: a manifest (with or without splits).
+        endpoint: report (site, class) groups of this endpoint (binary, or continuous with its cut in ``cuts``);
+            None reports sites only.
+        min_train: a group with fewer training exams than this (but at least one) is not weighted.
+        cuts: binarization cut in percent per continuous endpoint.
+
+    Returns:
+        One row per site or group left out: ``kind`` (``site`` or ``site_class``), ``site``, ``endpoint``,
+        ``label`` (class, NaN for sites), ``count`` (patients for a site; training exams for a group: the
+        ``train`` rows when every row has a split, else the expected number, ``train_fraction`` of the
+        labelled exams rounded down), ``line`` (first manifest line, when known) and ``action``.
+    """
+    columns = ["kind", "site", "endpoint", "label", "count", "line", "action"]
+    lines = np.asarray(df.attrs.get("lines", np.arange(len(df)) + 2))
+    rows = []
+    excluded = evaluation_only_sites(df)
+    patients = df.groupby("site")["patient_id"].nunique()
+    for site in excluded:
+        first = int(lines[np.flatnonzero(df["site"].to_numpy() == site)[0]])
+        rows.append({"kind": "site", "site": site, "endpoint": "", "label": np.nan, "count": int(patients[site]),
+                     "line": first, "action": EVALUATION_ONLY})
+    if endpoint is not None:
+        values = df[endpoint].to_numpy(dtype=float)
+        if endpoint in CONTINUOUS_ENDPOINTS:
+            if not cuts or endpoint not in cuts:
+                raise ValueError(f"endpoint {endpoint!r} is continuous: give its cut in cuts")
+            values = np.where(np.isnan(values), np.nan, (values >= cuts[endpoint]).astype(float))
+        elif endpoint not in BINARY_ENDPOINTS:
+            raise ValueError(f"unknown endpoint {endpoint!r}; valid: {list(ENDPOINTS)}")
+        has_splits = bool(df["split"].isin(SPLITS).all())
+        in_train = df["split"].to_numpy() == "train"
+        site_of = df["site"].to_numpy()
+        for site in sorted(set(site_of) - set(excluded)):
+            for label in (0.0, 1.0):
+                members = np.flatnonzero((site_of == site) & (values == label))
+                count = int(in_train[members].sum()) if has_splits else int(len(members) * train_fraction)
+                if 0 < count < min_train:
+                    rows.append({"kind": "site_class", "site": str(site), "endpoint": endpoint, "label": label,
+                                 "count": count, "line": int(lines[members[0]]), "action": NOT_WEIGHTED})
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _small_group_warnings(df: pd.DataFrame, path: Path) -> list[str]:
+    """``nrfm validate`` lines for every site and (site, class) group the small-group rule leaves out."""
+    out = []
+    for endpoint in BINARY_ENDPOINTS:
+        table = small_groups(df, endpoint)
+        for r in table.itertuples(index=False):
+            if r.kind == "site" and endpoint == BINARY_ENDPOINTS[0]:
+                out.append(f"{path}:{r.line}:site: site {r.site!r} has {r.count} patient(s), fewer than "
+                           f"{MIN_SPLIT_PATIENTS} needed to split it: {r.action}")
+            elif r.kind == "site_class":
+                where = "train exams" if df["split"].isin(SPLITS).all() else "expected train exams"
+                out.append(f"{path}:{r.line}:{endpoint}: site {r.site!r}, {endpoint}={r.label:g}: {r.count} {where}, "
+                           f"fewer than {MIN_GROUP_TRAIN}: {r.action}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- folds
+LOSO_PRETRAIN = ("unseen_only", "exclude")
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One fold of a protocol: integer row positions (into the manifest as given) of each role.
+
+    ``notes`` say what the builder left out and why (also shown in tables); rows in no role are not used.
+    A fold unpacks as ``name, train, val, test = fold``.
+    """
+
+    name: str
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    notes: tuple[str, ...] = ()
+
+    def __iter__(self):
+        return iter((self.name, self.train, self.val, self.test))
+
+
+def fold_rows(df: pd.DataFrame, protocol: str, pretrained_subjects: "set[str] | list[str] | None" = None) -> list[Fold]:
+    """The folds of ``pooled`` or ``loso``: the one fold builder every stage uses.
+
+    ``pooled``: one fold, the manifest's train / val / test splits. ``loso``: one fold per site, in site order:
+    train on the other sites' ``train`` rows, select on their ``val`` rows, test on the held-out site's rows,
+    except
+
+    * an exam of a patient who also has exams used for training or validation in this fold (a patient scanned
+      at two sites): left out of the test set, with a warning naming the patient, so no patient is ever on
+      both sides of a fold;
+    * with ``pretrained_subjects`` (``analyses.loso_pretrain = unseen_only``): an exam of a patient any of
+      whose exams self-supervised pretraining used; the fold scores only what pretraining never saw, and a
+      note gives the count.
+
+    The other sites' ``test`` rows are not used (the held-out site is the only test set).
 
     Raises:
-        ManifestError: fewer than two sites, or rows without a split. LeakageError: a patient at two sites.
+        ValueError: unknown protocol. ManifestError: rows without a split; loso with fewer than two sites.
+        LeakageError: a patient in two splits (pooled), or on both sides of a fold (never after the rules above).
     """
-    sites = sorted(df["site"].unique())
+    from nrfm.config import PROTOCOLS
+
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; valid: {list(PROTOCOLS)}")
+    split, site = df["split"].astype(str).to_numpy(), df["site"].astype(str).to_numpy()
+    patient = df["patient_id"].astype(str).to_numpy()
+    if not np.isin(split, SPLITS).all():
+        n = int((~np.isin(split, SPLITS)).sum())
+        raise ManifestError(f"{n} rows have no split; call assign_splits before building folds")
+    check_no_patient_leak(df, where="manifest")
+    if protocol == "pooled":
+        return [Fold("pooled", *(np.flatnonzero(split == s) for s in SPLITS))]
+    sites = sorted(set(site))
     if len(sites) < 2:
         raise ManifestError(f"leave-one-site-out needs at least two sites, found {sites}")
-    if (~df["split"].isin(SPLITS)).any():
-        n = int((~df["split"].isin(SPLITS)).sum())
-        raise ManifestError(f"{n} rows have no split; call assign_splits before loso_folds")
+    seen = None
+    if pretrained_subjects is not None:
+        seen = set(patient[np.isin(df["subject_id"].astype(str).to_numpy(), [str(s) for s in pretrained_subjects])])
     folds = []
-    for site in sites:
-        fold = df.copy()
-        held = fold["site"] == site
-        fold.loc[~held & (fold["split"] == "test"), "split"] = "train"
-        fold.loc[held, "split"] = "test"
-        check_no_patient_leak(fold, where=f"leave-one-site-out fold holding out {site!r}")
-        folds.append((site, fold))
+    for held in sites:
+        train = np.flatnonzero((split == "train") & (site != held))
+        val = np.flatnonzero((split == "val") & (site != held))
+        candidates = np.flatnonzero(site == held)
+        used = set(patient[train]) | set(patient[val])
+        notes = []
+        cross = candidates[np.isin(patient[candidates], list(used))]
+        for pid in sorted(set(patient[cross])):
+            others = sorted(set(site[(patient == pid) & (site != held)]))
+            exams = ", ".join(df["subject_id"].astype(str).to_numpy()[cross[patient[cross] == pid]])
+            message = (f"leave-one-site-out fold holding out {held!r}: patient {pid!r} also has exams at "
+                       f"{', '.join(others)} used for training or validation; its exams at {held} ({exams}) are "
+                       "left out of the test set")
+            warnings.warn(message, stacklevel=2)
+            notes.append(message)
+        test = np.setdiff1d(candidates, cross)
+        if seen is not None:
+            pretrained = test[np.isin(patient[test], list(seen))]
+            test = np.setdiff1d(test, pretrained)
+            notes.append(f"held-out site {held}: {len(test)} of {len(candidates)} exams scored, those pretraining "
+                         f"never saw ({len(pretrained)} pretraining exams left out; analyses.loso_pretrain=unseen_only)")
+        if not len(test):
+            notes.append(f"held-out site {held}: no exam left to score after the rules above")
+        both = set(patient[test]) & used
+        if both:  # the rule above makes this impossible; kept as the guarantee's last line
+            raise LeakageError(f"leave-one-site-out fold holding out {held!r}: patients {sorted(both)} on both sides")
+        folds.append(Fold(held, train, val, test, tuple(notes)))
     return folds
+
+
+def loso_folds(df: pd.DataFrame, pretrained_subjects: "set[str] | list[str] | None" = None) -> list[tuple[str, pd.DataFrame]]:
+    """Leave-one-site-out folds as frames: one ``(held_out_site, frame)`` per site, in site order.
+
+    Built by :func:`fold_rows` (the rules there): in each frame ``split`` is the row's role in the fold
+    (``train``, ``val``, ``test``) and empty for rows the fold does not use (the other sites' test rows,
+    exams of patients seen on the training side or, with ``pretrained_subjects``, in pretraining).
+
+    Raises:
+        ManifestError: fewer than two sites, or rows without a split.
+    """
+    out = []
+    for fold in fold_rows(df, "loso", pretrained_subjects):
+        frame = df.copy()
+        role = np.full(len(frame), "", dtype=object)
+        for name in SPLITS:
+            role[getattr(fold, name)] = name
+        frame["split"] = role
+        check_no_patient_leak(frame, where=f"leave-one-site-out fold holding out {fold.name!r}")
+        out.append((fold.name, frame))
+    return out

@@ -246,7 +246,7 @@ def molecular_table(predictions: pd.DataFrame, backbone: str, objective: str, pr
     Args:
         predictions: the fine-tuning predictions (columns of ``predictions_<method>_<objective>_<protocol>.csv``:
             subject_id, site, split, fold, endpoint, y_true, y_score, threshold). Rows with ``split == test``
-            are evaluated (for ``loso`` every row of a fold's held-out site); train and validation rows decide
+            are evaluated (for ``loso`` the held-out site's rows the fold builder kept); train and validation rows decide
             whether an endpoint could be trained (both classes in training).
         backbone, objective, protocol, seed: key columns written into every row.
         cuts: binarization cut per continuous endpoint, in percent (e.g. ``{"ki67": 10, "tp53_ihc": 10}``).
@@ -256,7 +256,8 @@ def molecular_table(predictions: pd.DataFrame, backbone: str, objective: str, pr
 
     Returns:
         DataFrame with :data:`MOLECULAR_COLUMNS` then :data:`EXTRA_COLUMNS`. ``site`` is each site, ``all``
-        (every test subject pooled; for ``loso`` each predicted by the model that never saw its site) and
+        (every test subject pooled; for ``loso`` each predicted by the model fine-tuned without its site, on
+        exams self-supervised pretraining never saw, see ``analyses.loso_pretrain``) and
         ``worst``: the site with the lowest AUC, named in ``worst_site``. An endpoint with a single class in
         training is skipped with a note (its metric cells empty); every other NaN has a note too.
     """

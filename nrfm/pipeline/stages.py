@@ -17,50 +17,34 @@ from nrfm.train import finetune, pretrain
 
 @dataclass(frozen=True)
 class Stage:
-    """One node of the graph. ``complete(ctx, backbone)`` says whether its outputs exist for a backbone;
-    ``compute(ctx, backbone, progress)`` makes them (None: the stage has no per-backbone outputs that later
-    stages read)."""
+    """One node of the graph. ``ensure(ctx, backbone, progress)`` makes the stage's outputs for one backbone exist
+    and be current (reusing what matches this run's settings); None for stages whose outputs no later stage
+    computes on demand."""
 
     name: str
     notebook: str
     needs: tuple[str, ...]
     reads: str
     writes: str
-    complete: Callable[[RunContext, str], bool] | None = None
-    compute: Callable[[RunContext, str, bool], None] | None = None
+    ensure: Callable[[RunContext, str, bool], object] | None = None
 
 
-def _pretrained(ctx: RunContext, backbone: str) -> bool:
-    return ctx.layout.pretrained_backbone(backbone).is_file()
-
-
-def _pretrain(ctx: RunContext, backbone: str, progress: bool) -> None:
+def _pretrained(ctx: RunContext, backbone: str, progress: bool) -> None:
     pretrain.run_pretraining_stage(ctx, backbone, progress=progress)
 
 
-def _finetuned(ctx: RunContext, backbone: str) -> bool:
-    return all(ctx.layout.finetuned_model(backbone, objective).is_file()
-               and ctx.layout.embeddings(backbone, objective).is_file()
-               and finetune.is_current(ctx, backbone, objective)
-               for objective in ctx.config.finetuning.objectives)
-
-
-def _finetune(ctx: RunContext, backbone: str, progress: bool) -> None:
-    for objective in ctx.config.finetuning.objectives:
-        if not (ctx.layout.finetuned_model(backbone, objective).is_file()
-                and finetune.is_current(ctx, backbone, objective)):
-            finetune.run_finetune_stage(ctx, backbone, objective, "pooled", progress=progress)
+def _finetuned(ctx: RunContext, backbone: str, progress: bool) -> None:
+    finetune.ensure_finetuned(ctx, backbone, progress=progress)
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("cohort", "00_cohort", (), "the manifest (or the synthetic cohort)",
           "data/manifest.csv (splits frozen), metrics/cohort.csv"),
     Stage("pretrain", "01_pretrain", ("cohort",), "preprocessed training volumes",
-          "checkpoints/<backbone>/backbone.pt, metrics/pretrain.csv, metrics/pretrain_vs_random.csv",
-          _pretrained, _pretrain),
+          "checkpoints/<backbone>/backbone.pt, metrics/pretrain.csv, metrics/pretrain_vs_random.csv", _pretrained),
     Stage("finetune", "02_finetune_dro", ("pretrain",), "checkpoints/<backbone>/backbone.pt",
           "checkpoints/<backbone>/finetune_<objective>_pooled.pt, artifacts/predictions_*, artifacts/embeddings_*, "
-          "metrics/molecular.csv", _finetuned, _finetune),
+          "metrics/molecular.csv", _finetuned),
     Stage("site_invariance", "03_site_embeddings", ("finetune",), "artifacts/embeddings_*",
           "metrics/site_invariance.csv"),
     Stage("survival", "04_survival", ("finetune",), "artifacts/embeddings_*",
@@ -97,11 +81,9 @@ def require(ctx: RunContext, stage: str, backbones: Sequence[str], progress: boo
     """
     for name in prerequisites(stage):
         node = STAGES[name]
-        if node.compute is None:
-            continue
-        for backbone in backbones:
-            if not node.complete(ctx, backbone):
-                node.compute(ctx, backbone, progress)
+        if node.ensure is not None:
+            for backbone in backbones:
+                node.ensure(ctx, backbone, progress)
 
 
 def with_prerequisites(notebook_stems: Iterable[str], available: Sequence[str],

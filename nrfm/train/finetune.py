@@ -31,13 +31,23 @@ binarized), then the minimum over sites. Decision thresholds are then chosen on 
 
 **Protocols.** ``pooled``: train on the train split of all sites, select on val, test on the test split
 (reported per site). ``loso``: for each site, train on the other sites' train split, select on their val
-split, and test on every subject of the held-out site.
+split, and test on the held-out site's exams that neither fine-tuning nor pretraining saw: pretraining used
+every site's train split, so with ``analyses.loso_pretrain = unseen_only`` (the default) only the held-out
+site's val and test exams are scored, and an exam of a patient also scanned at a training site is left out
+(:func:`nrfm.data.manifest.fold_rows`, the one fold builder).
+
+**Staleness.** The pooled checkpoint and embeddings carry a fingerprint of the settings, labels, splits, seed
+and pretrained weights they came from (:func:`finetune_fingerprint_inputs`); :func:`ensure_finetuned` reuses
+them only when it matches and otherwise retrains, naming what changed.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import io
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,14 +61,16 @@ from tqdm.auto import tqdm
 
 from nrfm.config import CONTINUOUS_ENDPOINTS, OBJECTIVES, PROTOCOLS, FinetuningConfig
 from nrfm.train.dro import GroupDRO, build_objective
-from nrfm.errors import CheckpointError, TrainingError
+from nrfm.errors import CheckpointError, ConfigError, TrainingError
 from nrfm.files import atomic_torch_save, atomic_write_bytes, atomic_write_csv, atomic_write_json, safe_torch_load
 from nrfm.train.finetune_data import (GroupSpec, apply_in_batches, autocast, build_groups, cuts_of, frozen_inputs,
                                 to_device, regression_stats, split_backbone, standardise_targets,
                                 youden_thresholds, worst_site_mean_auc)
+from nrfm.data.manifest import Fold, fold_rows
 from nrfm.eval.metrics import molecular_table
 
 CHECKPOINT_FORMAT = 1
+logger = logging.getLogger(__name__)
 
 
 class FinetuneModel(nn.Module):
@@ -232,19 +244,32 @@ class FinetuneResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _fold_rows(manifest: pd.DataFrame, protocol: str) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-    """(fold name, train rows, val rows, test rows) per fold of a protocol."""
-    split, site = manifest["split"].to_numpy(), manifest["site"].to_numpy()
-    if protocol == "pooled":
-        return [("pooled", *(np.flatnonzero(split == s) for s in ("train", "val", "test")))]
-    if protocol != "loso":
+def _fold_rows(manifest: pd.DataFrame, protocol: str, pretrained_subjects: list[str] | None = None) -> list[Fold]:
+    """The folds of a protocol, from :func:`nrfm.data.manifest.fold_rows` (the one fold builder).
+
+    Each :class:`~nrfm.data.manifest.Fold` unpacks as ``(fold name, train rows, val rows, test rows)``; its ``notes``
+    say which held-out exams were left out (patients on the training side, exams pretraining saw).
+    """
+    if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; valid: {list(PROTOCOLS)}")
-    sites = sorted(set(site))
-    if len(sites) < 2:
-        raise TrainingError(f"protocol loso needs at least two sites, the manifest has {sites}")
-    return [(held, np.flatnonzero((split == "train") & (site != held)),
-             np.flatnonzero((split == "val") & (site != held)),
-             np.flatnonzero(site == held)) for held in sites]
+    if protocol == "loso" and manifest["site"].nunique() < 2:
+        raise TrainingError(f"protocol loso needs at least two sites, the manifest has {sorted(set(manifest['site']))}")
+    return fold_rows(manifest, protocol, pretrained_subjects if protocol == "loso" else None)
+
+
+def _loso_pretrained_subjects(ctx, protocol: str) -> list[str] | None:
+    """The exams a LOSO fold must not score (``analyses.loso_pretrain = unseen_only``): those pretraining saw."""
+    if protocol != "loso":
+        return None
+    if ctx.config.analyses.loso_pretrain != "unseen_only":  # the config check refuses 'exclude' already
+        raise ConfigError(f"{ctx.config.source}: analyses.loso_pretrain: {ctx.config.analyses.loso_pretrain!r} "
+                          "is not implemented; use 'unseen_only'")
+    from nrfm.train.pretrain import pretraining_subjects
+
+    return pretraining_subjects(ctx.manifest)
+
+
+LOSO_NOTE = "loso: only held-out exams that pretraining never saw are scored (analyses.loso_pretrain=unseen_only)"
 
 
 def _scores(model: FinetuneModel, outputs: Tensor) -> Tensor:
@@ -267,10 +292,10 @@ def _predictions(manifest: pd.DataFrame, outputs: Tensor, fold: str, train: np.n
     return pd.concat(frames, ignore_index=True).dropna(subset=["y_true"])
 
 
-def _write_embeddings(path, manifest: pd.DataFrame, embedding: Tensor) -> None:
+def _write_embeddings(path, manifest: pd.DataFrame, embedding: Tensor, fingerprint: str = "") -> None:
     buffer = io.BytesIO()
     np.savez(buffer, subject_id=np.asarray(manifest["subject_id"].astype(str).tolist(), dtype=str),
-             embedding=embedding.numpy().astype(np.float32))
+             embedding=embedding.numpy().astype(np.float32), fingerprint=np.asarray(fingerprint))
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -305,7 +330,10 @@ def run_finetune_stage(ctx, method: str, objective: str, protocol: str, progress
         emb = apply_in_batches(lambda z: split.tail(z), inputs, device, cfg.bf16, cfg.channels_last)
         _write_embeddings(ctx.artifacts_dir / f"embeddings_{method}_pretrained.npz", manifest, emb)
     endpoints, frames, history, checkpoint, notes = tuple(cfg.endpoints), [], {}, None, []
-    for k, (fold, train, val, test) in enumerate(_fold_rows(manifest, protocol)):
+    folds = _fold_rows(manifest, protocol, _loso_pretrained_subjects(ctx, protocol))
+    notes += [n for f in folds for n in f.notes]
+    fingerprint = finetune_fingerprint_inputs(ctx, method, objective, backbone)
+    for k, (fold, train, val, test) in enumerate(folds):
         result = fit(copy.deepcopy(backbone), inputs, manifest, train, val, cfg, objective, device,
                      seed=ctx.config.seed + k, progress=progress, desc=f"{method}/{objective}/{fold}")
         tail = split_backbone(result.model.backbone, cfg.mode).tail
@@ -318,7 +346,8 @@ def run_finetune_stage(ctx, method: str, objective: str, protocol: str, progress
                          "group_counts": result.groups.counts.tolist()}
         if protocol == "pooled":
             emb = apply_in_batches(tail, inputs, device, cfg.bf16, cfg.channels_last)
-            _write_embeddings(ctx.artifacts_dir / f"embeddings_{method}_{objective}.npz", manifest, emb)
+            _write_embeddings(ctx.artifacts_dir / f"embeddings_{method}_{objective}.npz", manifest, emb,
+                              _sha256(fingerprint))
             checkpoint = ctx.checkpoints_dir / method / f"finetune_{objective}_pooled.pt"
             atomic_torch_save(checkpoint, {
                 "format": CHECKPOINT_FORMAT, "method": method, "objective": objective, "mode": cfg.mode,
@@ -326,7 +355,8 @@ def run_finetune_stage(ctx, method: str, objective: str, protocol: str, progress
                 "model": {k2: v.cpu() for k2, v in result.model.state_dict().items()},
                 "objective_state": {k2: v.cpu() for k2, v in result.objective.state_dict().items()},
                 "groups": result.groups.names, "best_epoch": result.best_epoch,
-                "config_sha256": ctx.config.sha256()})
+                "config_sha256": ctx.config.sha256(), "fingerprint": _sha256(fingerprint),
+                "fingerprint_inputs": json.dumps(fingerprint, sort_keys=True)})
     predictions = pd.concat(frames, ignore_index=True)
     pred_path = atomic_write_csv(ctx.artifacts_dir / f"predictions_{method}_{objective}_{protocol}.csv", predictions)
     atomic_write_json(ctx.artifacts_dir / f"history_{method}_{objective}_{protocol}.json",
@@ -334,10 +364,85 @@ def run_finetune_stage(ctx, method: str, objective: str, protocol: str, progress
                        "config_sha256": ctx.config.sha256(), "folds": history})
     table = molecular_table(predictions, method, objective, protocol, ctx.config.seed, cuts_of(cfg),
                             n_boot=ctx.config.analyses.bootstrap, oracle=ctx.oracle, endpoints=endpoints)
+    if protocol == "loso":
+        table["note"] = ["; ".join(n for n in (note, LOSO_NOTE) if n) for note in table["note"]]
     ctx.write_metrics("molecular", table, key_columns=["backbone", "objective", "protocol", "seed", "site", "endpoint"])
     notes += sorted({n for n in table["note"] if n})
     return FinetuneResult(method, objective, protocol, table, pred_path, history, checkpoint,
                           time.perf_counter() - start, notes)
+
+
+# ------------------------------------------------------------------------------------- artifact fingerprints
+def weights_sha256(module: nn.Module) -> str:
+    """sha256 of a module's parameter and buffer values (names included): the upstream artifact's identity."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def finetune_fingerprint_inputs(ctx, method: str, objective: str, backbone: nn.Module) -> dict[str, Any]:
+    """Everything a pooled fine-tuned model depends on, as a JSON-able dict (its sha256 is the fingerprint).
+
+    The fine-tuning settings (but not which objectives and protocols to run), the preprocessing settings (but
+    not the cache folder), the cohort's split settings, the seed, the subjects with their patients, sites,
+    splits and labels, and the pretrained backbone's weights (the upstream artifact).
+    """
+    cfg = ctx.config
+    tuning = {k: v for k, v in dataclasses.asdict(cfg.finetuning).items() if k not in ("objectives", "protocols")}
+    columns = ["subject_id", "patient_id", "site", "split", *cfg.finetuning.endpoints]
+    table = ctx.manifest[columns].astype(str).to_csv(index=False)
+    return json.loads(json.dumps({
+        "method": method, "objective": objective, "seed": cfg.seed, "finetuning": tuning,
+        "preprocessing": {k: v for k, v in dataclasses.asdict(cfg.preprocessing).items() if k != "cache_dir"},
+        "cohort": {"split_endpoint": cfg.cohort.split_endpoint, "split_fractions": cfg.cohort.split_fractions},
+        "manifest_sha256": hashlib.sha256(table.encode()).hexdigest(),
+        "pretrained_backbone_sha256": weights_sha256(backbone)}, default=list))
+
+
+def _sha256(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def changed_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two fingerprint input dicts, with old -> new for short values."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_settings(a, b, f"{prefix}{key}.")
+        elif a != b:
+            short = all(len(json.dumps(v)) <= 40 for v in (a, b))
+            out.append(f"{prefix}{key}" + (f" ({json.dumps(a)} -> {json.dumps(b)})" if short else ""))
+    return out
+
+
+def _stale_reason(ctx, method: str, objective: str, inputs: dict[str, Any]) -> str:
+    """Why the pooled model and embeddings of ``method``/``objective`` must be rebuilt ('' if they are current)."""
+    path = ctx.checkpoints_dir / method / f"finetune_{objective}_pooled.pt"
+    emb = ctx.artifacts_dir / f"embeddings_{method}_{objective}.npz"
+    if not path.is_file():
+        return f"{path.name} missing"
+    if not emb.is_file():
+        return f"{emb.name} missing"
+    try:
+        ckpt = safe_torch_load(path)
+    except CheckpointError as err:
+        return f"{path.name} unreadable ({err})"
+    if ckpt.get("fingerprint") != _sha256(inputs):
+        old = ckpt.get("fingerprint_inputs")
+        if not old:
+            return f"{path.name} has no fingerprint (made by an older nrfm)"
+        return f"{path.name} was made with other settings: " + ", ".join(changed_settings(json.loads(old), inputs))
+    try:
+        with np.load(emb, allow_pickle=False) as data:
+            stored = str(data["fingerprint"]) if "fingerprint" in data.files else ""
+    except (OSError, ValueError) as err:
+        return f"{emb.name} unreadable ({err})"
+    if stored != _sha256(inputs):
+        return f"{emb.name} does not belong to {path.name}"
+    return ""
 
 
 def load_finetuned(ctx, method: str, objective: str, backbone: nn.Module | None = None) -> FinetuneModel:
@@ -346,12 +451,26 @@ def load_finetuned(ctx, method: str, objective: str, backbone: nn.Module | None 
     Args:
         backbone: an untrained backbone of the right architecture to load into (default:
             ``nrfm.models.backbones.build_backbone(method, ctx.config.pretraining, crop_size)``).
+
+    Raises:
+        CheckpointError: not a fine-tuning checkpoint of ``method``, weights that do not fit, or a checkpoint
+            made with other settings than this run's (call :func:`ensure_finetuned` to rebuild it).
     """
     path = ctx.checkpoints_dir / method / f"finetune_{objective}_pooled.pt"
     ckpt = safe_torch_load(path)
     if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("method") != method:
         raise CheckpointError(f"{path}: not a fine-tuning checkpoint of {method!r} (method {ckpt.get('method')!r}, "
                               f"format {ckpt.get('format')!r})")
+    if not ckpt.get("fingerprint_inputs"):
+        raise CheckpointError(f"{path}: no settings fingerprint (made by an older nrfm); run "
+                              "nrfm.train.finetune.ensure_finetuned to rebuild it")
+    old = json.loads(ckpt["fingerprint_inputs"])
+    # the settings part; the upstream backbone is checked by ensure_finetuned, which has the pretrained weights
+    current = finetune_fingerprint_inputs(ctx, method, objective, nn.Identity())
+    changed = [c for c in changed_settings(old, current) if not c.startswith("pretrained_backbone_sha256")]
+    if changed:
+        raise CheckpointError(f"{path}: fine-tuned with other settings than this run ({', '.join(changed)}); run "
+                              "nrfm.train.finetune.ensure_finetuned to rebuild it")
     if backbone is None:
         from nrfm.models.backbones import build_backbone
 
@@ -365,16 +484,31 @@ def load_finetuned(ctx, method: str, objective: str, backbone: nn.Module | None 
     return model.eval()
 
 
-def ensure_finetuned(ctx, method: str, progress: bool = True) -> None:
-    """Fine-tune (pooled protocol) each configured objective whose model or embeddings this run lacks.
+def ensure_finetuned(ctx, method: str, progress: bool = True, backbone: nn.Module | None = None) -> list[str]:
+    """Fine-tune (pooled protocol) each configured objective whose model or embeddings are missing or stale.
 
-    Later stages call this, so a notebook run on its own (or after ``--only``) computes what it needs.
+    Later stages call this, so a notebook run on its own (or after ``--only``) computes what it needs. A model
+    is reused only if its fingerprint (:func:`finetune_fingerprint_inputs`: settings, labels, splits, seed and
+    the pretrained weights) matches this run; otherwise it is retrained and a warning names what changed.
+
+    Args:
+        backbone: the pretrained backbone (default: ``nrfm.train.pretrain.ensure_pretrained(ctx, method)``).
+
+    Returns:
+        The objectives that were (re)trained.
     """
+    if backbone is None:
+        from nrfm.train.pretrain import ensure_pretrained
+
+        backbone = ensure_pretrained(ctx, method, progress=progress)
+    rebuilt = []
     for objective in ctx.config.finetuning.objectives:
-        done = ((ctx.checkpoints_dir / method / f"finetune_{objective}_pooled.pt").is_file()
-                and (ctx.artifacts_dir / f"embeddings_{method}_{objective}.npz").is_file())
-        if not done:
-            run_finetune_stage(ctx, method, objective, "pooled", progress=progress)
+        reason = _stale_reason(ctx, method, objective, finetune_fingerprint_inputs(ctx, method, objective, backbone))
+        if reason:
+            logger.warning("fine-tuning %s/%s again: %s", method, objective, reason)
+            run_finetune_stage(ctx, method, objective, "pooled", progress=progress, backbone=backbone)
+            rebuilt.append(objective)
+    return rebuilt
 
 
 def read_history(ctx, method: str, objective: str, protocol: str = "pooled") -> dict[str, Any] | None:

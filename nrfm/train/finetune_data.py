@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -222,10 +223,24 @@ def to_device(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d) if channels_last and x.ndim == 5 else x
 
 
-def _fingerprint(backbone: nn.Module, manifest: pd.DataFrame, cfg: FinetuningConfig, crop: tuple) -> str:
-    """Hash of the backbone weights, the subjects, and the settings that change the frozen features."""
-    digest = hashlib.sha256(json.dumps([cfg.mode, cfg.bf16, cfg.channels_last, list(crop),
-                                        manifest["subject_id"].astype(str).tolist()]).encode())
+def _content_keys(dataset) -> list[str]:
+    """One content hash per dataset item: the preprocessing cache's keys (input files' bytes and every
+    preprocessing setting) when the dataset has them, else a hash of each item's image (in-memory datasets)."""
+    keys = getattr(dataset, "keys", None)
+    if keys is not None and not callable(keys):
+        return [str(k) for k in keys]
+    return [hashlib.sha256(np.ascontiguousarray(np.asarray(dataset[i]["image"], dtype=np.float32)).tobytes()).hexdigest()
+            for i in range(len(dataset))]
+
+
+def _fingerprint(backbone: nn.Module, manifest: pd.DataFrame, cfg: FinetuningConfig, preprocessing: Mapping,
+                 content: Sequence[str]) -> str:
+    """Hash of the backbone weights, the subjects, the inputs' content and the settings that change the frozen
+    features (fine-tuning mode and precision, every preprocessing setting but the cache folder)."""
+    settings = {k: v for k, v in preprocessing.items() if k != "cache_dir"}
+    digest = hashlib.sha256(json.dumps([cfg.mode, cfg.bf16, cfg.channels_last, settings,
+                                        manifest["subject_id"].astype(str).tolist(), list(content)],
+                                       sort_keys=True, default=list).encode())
     for name, tensor in sorted(backbone.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
@@ -236,20 +251,23 @@ def frozen_inputs(ctx, method: str, backbone: nn.Module, split: BackboneSplit, p
     """(N, ...) output of the frozen part for every manifest row; the volumes themselves in ``full`` mode.
 
     The frozen features do not depend on the objective or the protocol, so they are computed once per backbone
-    and cached under ``artifacts/cache/`` (keyed by the backbone's weights, the subjects and the settings).
+    and cached under ``artifacts/cache/`` (keyed by the backbone's weights, the subjects, the inputs' content
+    hashes and every preprocessing and fine-tuning setting that changes them).
     """
     cfg = ctx.config.finetuning
     manifest = ctx.manifest.reset_index(drop=True)
     if cfg.mode == "full":
         return load_volumes(ctx.dataset(progress=progress), progress)
-    key = _fingerprint(backbone, manifest, cfg, tuple(ctx.config.preprocessing.crop_size))[:16]
+    dataset = ctx.dataset(progress=progress)
+    key = _fingerprint(backbone, manifest, cfg, dataclasses.asdict(ctx.config.preprocessing),
+                       _content_keys(dataset))[:16]
     path = ctx.artifacts_dir / "cache" / f"finetune_inputs_{method}_{cfg.mode}_{key}.pt"
     if path.is_file():
         try:
             return safe_torch_load(path)["inputs"]
         except (CheckpointError, KeyError):
             pass  # a damaged cache entry is recomputed and overwritten
-    volumes = load_volumes(ctx.dataset(progress=progress), progress)
+    volumes = load_volumes(dataset, progress)
     inputs = apply_in_batches(split.trunk, volumes, ctx.device, cfg.bf16, cfg.channels_last)
     atomic_torch_save(path, {"inputs": inputs})
     return inputs

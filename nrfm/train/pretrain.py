@@ -193,7 +193,7 @@ def train_method(method_name: str, cfg: Config, dataset: Dataset, manifest: pd.D
     pcfg, device = cfg.pretraining, distributed.process_device(torch.device(device))
     checkpoint_dir = Path(checkpoint_dir)
     arch = backbone_arch(method_name, pcfg)
-    train_idx = np.flatnonzero(manifest["split"].astype(str).to_numpy() == "train")
+    train_idx = np.flatnonzero(pretraining_rows(manifest))
     if len(train_idx) < pcfg.batch_size:
         raise TrainingError(f"{cfg.source}: pretraining.batch_size: {pcfg.batch_size} is larger than the "
                             f"{len(train_idx)} train subjects")
@@ -338,8 +338,22 @@ def load_backbone(path: str | Path, cfg: Config, method: str) -> Backbone:
 
 
 # ---- stage entry points for the notebooks --------------------------------------------------------------------
+def pretraining_rows(manifest: pd.DataFrame) -> np.ndarray:
+    """(N,) bool: the exams self-supervised pretraining trains on (every site's train split).
+
+    Later stages ask this, not the split column, which exams pretraining saw (e.g. the leave-one-site-out
+    folds score only the held-out exams outside this set).
+    """
+    return manifest["split"].astype(str).to_numpy() == "train"
+
+
+def pretraining_subjects(manifest: pd.DataFrame) -> list[str]:
+    """subject_id of every exam pretraining trains on (:func:`pretraining_rows`), in manifest order."""
+    return [str(s) for s in manifest["subject_id"].to_numpy()[pretraining_rows(manifest)]]
+
+
 def _train_ids(ctx) -> list[str]:
-    return list(ctx.manifest.loc[ctx.manifest["split"].astype(str) == "train", "subject_id"])
+    return pretraining_subjects(ctx.manifest)
 
 
 def run_pretraining_stage(ctx, method: str, progress: bool = True) -> PretrainResult:

@@ -163,9 +163,11 @@ def test_loso_partial_with_a_real_backbone(tmp_path):
     assert set(pred["fold"]) == {"A", "B", "C"}
     for fold, part in pred.groupby("fold"):
         held = part[part["site"] == fold]
-        assert (held["split"] == "test").all()  # every subject of the held-out site is tested
+        assert (held["split"] == "test").all()
         assert (part[part["site"] != fold]["split"] != "test").all()
-        assert held["subject_id"].nunique() == int((ctx.manifest["site"] == fold).sum())
+        # the held-out site's exams pretraining never saw (it used every site's train split) are tested
+        unseen = ctx.manifest[(ctx.manifest["site"] == fold) & (ctx.manifest["split"] != "train")]
+        assert set(held["subject_id"]) == set(unseen["subject_id"])
     assert set(result.metrics["protocol"]) == {"loso"}
     assert not (ctx.checkpoints_dir / "moco" / "finetune_erm_loso.pt").exists()
     # the frozen features are cached once per backbone (objectives and protocols reuse them)
@@ -204,3 +206,100 @@ def test_figures_tables_and_paired_deltas(tmp_path):
                                                                                          pick(erm)["y_score"])
     assert row["delta"] == pytest.approx(expected)
     assert row["ci_low"] <= row["delta"] <= row["ci_high"]
+
+
+# ------------------------------------------------------------------------------ silent wrong answers (issue 17)
+def test_loso_keeps_a_patient_scanned_at_two_sites_on_one_side(tmp_path):
+    from nrfm.train.finetune import _fold_rows
+
+    ctx = fake_context(tmp_path)
+    manifest = ctx.manifest
+    # s000 (site A) and s001 (site B): one patient, both exams in the validation split
+    manifest.loc[[0, 1], "patient_id"] = "p000"
+    manifest.loc[[0, 1], "split"] = "val"
+    with pytest.warns(UserWarning, match=r"patient 'p000' also has exams at B"):
+        folds = _fold_rows(manifest, "loso")
+    patients = manifest["patient_id"].to_numpy()
+    for name, train, val, test in folds:
+        assert not set(patients[test]) & (set(patients[train]) | set(patients[val])), name
+    held_a = {name: test for name, _, _, test in folds}["A"]
+    assert 0 not in held_a  # s000 left out of site A's test set
+
+
+def test_loso_site_with_one_exam_splits_and_folds(tmp_path):
+    from nrfm.train.finetune import _fold_rows
+    from nrfm.data.manifest import assign_splits
+
+    ctx = fake_context(tmp_path)
+    manifest = ctx.manifest.copy()
+    manifest["split"] = ""
+    manifest.loc[59, "site"] = "TINY"
+    manifest = assign_splits(manifest, seed=0)
+    assert manifest.loc[59, "split"] == "test"  # too small to split: evaluation only
+    folds = {name: (train, val, test) for name, train, val, test in _fold_rows(manifest, "loso")}
+    assert folds["TINY"][2].tolist() == [59]
+    for train, val, _ in folds.values():
+        assert 59 not in train and 59 not in val
+    _, _, _, pooled_test = _fold_rows(manifest, "pooled")[0]
+    assert 59 in pooled_test
+
+
+def test_changed_finetuning_setting_retrains_and_unchanged_reuses(tmp_path, monkeypatch, caplog):
+    import copy
+    import logging
+
+    import nrfm.train.pretrain
+    from nrfm.train.finetune import ensure_finetuned
+
+    torch.manual_seed(0)
+    pretrained = TinyBackbone()
+    monkeypatch.setattr(nrfm.train.pretrain, "ensure_pretrained", lambda *a, **k: copy.deepcopy(pretrained))
+    ctx = fake_context(tmp_path, mode="linear", objectives=("erm",))
+    ensure_finetuned(ctx, "byol", progress=False)
+    checkpoint = ctx.checkpoints_dir / "byol" / "finetune_erm_pooled.pt"
+    first = checkpoint.stat().st_mtime_ns
+    assert len(read_history(ctx, "byol", "erm")["folds"]["pooled"]["epochs"]) == 2
+    ensure_finetuned(ctx, "byol", progress=False)  # nothing changed: reused
+    assert checkpoint.stat().st_mtime_ns == first
+    # the same run folder with another fine-tuning setting: the model is retrained, and the log says why
+    changed = RunContext(config=ctx.config.replace(finetuning=FinetuningConfig(
+        epochs=3, batch_size=8, mode="linear", objectives=("erm",))), run_dir=tmp_path, manifest=ctx.manifest,
+        cohort_dir=tmp_path, _dataset=ctx.dataset())
+    from nrfm.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="finetuning.epochs"):
+        load_finetuned(changed, "byol", "erm", backbone=TinyBackbone())  # a stale model is never used silently
+    with caplog.at_level(logging.WARNING, logger="nrfm"):
+        ensure_finetuned(changed, "byol", progress=False)
+    assert len(read_history(changed, "byol", "erm")["folds"]["pooled"]["epochs"]) == 3
+    assert "finetuning.epochs (2 -> 3)" in caplog.text
+    load_finetuned(changed, "byol", "erm", backbone=TinyBackbone())
+    # a changed label is a changed training set: retrained as well
+    changed.manifest.loc[0, "idh"] = 1 - changed.manifest.loc[0, "idh"] if changed.manifest.loc[0, "idh"] in (0, 1) else 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nrfm"):
+        ensure_finetuned(changed, "byol", progress=False)
+    assert "manifest_sha256" in caplog.text
+
+
+def test_frozen_feature_cache_is_keyed_by_spacing_and_input_content(tmp_path):
+    from nrfm.models.backbones import ResNetBackbone
+    from nrfm.config import PreprocessingConfig
+    from nrfm.train.finetune_data import frozen_inputs
+
+    ctx = fake_context(tmp_path, mode="partial", bf16=False, channels_last=False)
+    backbone = ResNetBackbone("resnet10", 8, (SIZE,) * 3).eval()
+    split = split_backbone(backbone, "partial")
+    cache = ctx.artifacts_dir / "cache"
+    frozen_inputs(ctx, "moco", backbone, split, progress=False)
+    frozen_inputs(ctx, "moco", backbone, split, progress=False)
+    assert len(list(cache.glob("*.pt"))) == 1  # unchanged: reused
+    ctx.config = ctx.config.replace(preprocessing=PreprocessingConfig(spacing_mm=(2.0, 2.0, 2.0)))
+    frozen_inputs(ctx, "moco", backbone, split, progress=False)
+    assert len(list(cache.glob("*.pt"))) == 2  # another spacing: another entry
+    ctx._dataset[0]["image"] = ctx._dataset[0]["image"] + 1.0  # the input's content changed
+    after = frozen_inputs(ctx, "moco", backbone, split, progress=False)
+    assert len(list(cache.glob("*.pt"))) == 3
+    with torch.no_grad():
+        expected = split.trunk(torch.as_tensor(ctx._dataset[0]["image"])[None])
+    torch.testing.assert_close(after[0:1], expected, rtol=1e-4, atol=1e-4)
