@@ -77,7 +77,6 @@ P_NOISE, NOISE_STD = 0.5, 0.1
 _BIAS_POWERS = tuple((i, j, k) for i in range(BIAS_DEGREE + 1) for j in range(BIAS_DEGREE + 1 - i)
                      for k in range(BIAS_DEGREE + 1 - i - j))
 N_BIAS_TERMS = len(_BIAS_POWERS)  # 10 for degree 2
-BLUR_TAIL = int(max(BLUR_SIGMA[1] * 4.0, 0.5) + 0.5)  # MONAI's gaussian_1d tail for the largest sigma
 
 
 @dataclass(frozen=True)
@@ -360,18 +359,24 @@ class BatchAugment:
     @staticmethod
     def _blur(x: Tensor, on: Tensor, sigma: Tensor) -> Tensor:
         """Separable Gaussian blur, ``sigma`` (B, 3) per sample and axis: MONAI's ``GaussianFilter`` kernel
-        (``erf`` approximation, truncated at 4 sigma, zero padding) with one tail for the whole batch."""
+        (``erf`` approximation, truncated at ``int(4 sigma + 0.5)`` voxels, zero padding). The convolution
+        spans the largest tail among the samples blurred; each kernel is zero beyond its own tail."""
         b, c = x.shape[:2]
-        offsets = torch.arange(-BLUR_TAIL, BLUR_TAIL + 1, device=x.device, dtype=torch.float32)
+        tails = (sigma * 4.0).clamp_min(0.5).add(0.5).floor()  # MONAI's gaussian_1d tail per sample and axis
+        if not bool(on.any()):
+            return x
+        width = int(tails[on].max())
+        offsets = torch.arange(-width, width + 1, device=x.device, dtype=torch.float32)
         identity = (offsets == 0).float()
         y = x.reshape(1, b * c, *x.shape[2:])
         for dim in range(3):
             t = 0.70710678 / sigma[:, dim].view(-1, 1)
             kernel = (0.5 * (torch.erf(t * (offsets + 0.5)) - torch.erf(t * (offsets - 0.5)))).clamp_min(0)
+            kernel = kernel * (offsets.abs() <= tails[:, dim].view(-1, 1))
             kernel = torch.where(on.view(-1, 1), kernel, identity).repeat_interleave(c, dim=0)  # (B*C, k)
             shape = [b * c, 1, 1, 1, 1]
-            shape[2 + dim] = 2 * BLUR_TAIL + 1
+            shape[2 + dim] = 2 * width + 1
             pad = [0, 0, 0, 0, 0, 0]
-            pad[2 * (2 - dim)] = pad[2 * (2 - dim) + 1] = BLUR_TAIL
+            pad[2 * (2 - dim)] = pad[2 * (2 - dim) + 1] = width
             y = F.conv3d(F.pad(y, pad, mode="constant", value=0.0), kernel.view(shape), groups=b * c)
         return y.view_as(x)
