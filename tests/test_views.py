@@ -69,11 +69,14 @@ def test_bias_field_is_monais_for_the_same_coefficients():
 def test_blur_is_monais_gaussian_with_one_sigma_per_axis():
     from monai.transforms import GaussianSmooth
 
-    image = torch.randn(2, 12, 14, 16, generator=torch.Generator().manual_seed(0))
-    sigma = [0.3, 0.7, 1.0]
-    ours = BatchAugment._blur(image[None], torch.ones(1, dtype=torch.bool), torch.tensor([sigma]))[0]
-    reference = torch.as_tensor(GaussianSmooth(sigma=sigma)(image))
-    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    images = torch.randn(3, 2, 12, 14, 16, generator=torch.Generator().manual_seed(0))
+    sigmas = torch.tensor([[0.3, 0.7, 1.0], [0.25, 0.26, 0.5], [1.0, 1.0, 1.0]])
+    on = torch.tensor([True, True, False])  # each sample its own kernels; a sample not drawn is left alone
+    ours = BatchAugment._blur(images, on, sigmas)
+    for i in range(2):
+        reference = torch.as_tensor(GaussianSmooth(sigma=sigmas[i].tolist())(images[i]))
+        torch.testing.assert_close(ours[i], reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours[2], images[2])
 
 
 def test_monai_and_torch_paths_draw_views_from_the_same_distribution():
