@@ -243,7 +243,8 @@ def baseline_predictions(manifest: pd.DataFrame, features: pd.DataFrame | np.nda
         for endpoint in endpoints:
             kind = "continuous" if endpoint in CONTINUOUS_ENDPOINTS else "binary"
             if kind == "binary" and endpoint not in BINARY_ENDPOINTS:
-                raise ValueError(f"unknown endpoint {endpoint!r}; valid: {list(BINARY_ENDPOINTS + CONTINUOUS_ENDPOINTS)}")
+                valid = list(BINARY_ENDPOINTS + CONTINUOUS_ENDPOINTS)
+                raise ValueError(f"unknown endpoint {endpoint!r}; valid: {valid}")
             y = manifest[endpoint].to_numpy(dtype=float)
             result = fit_predict_baseline(x[train], y[train], x[val], y[val], x[test], kind=kind, seed=seed)
             known_val = np.isfinite(y[val])

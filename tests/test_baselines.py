@@ -60,7 +60,8 @@ def test_test_labels_are_never_read(tmp_path):
     for endpoint in BINARY_ENDPOINTS[:3] + ("ki67",):
         values = shuffled.loc[test, endpoint].to_numpy()
         shuffled.loc[test, endpoint] = rng.permutation(values)
-        shuffled.loc[test & shuffled[endpoint].isna(), endpoint] = 1.0  # unknown test labels made known: no change either
+        # unknown test labels made known: no change either
+        shuffled.loc[test & shuffled[endpoint].isna(), endpoint] = 1.0
     second, _ = baseline_predictions(shuffled, features, BINARY_ENDPOINTS[:3] + ("ki67",), {"ki67": 10.0}, 0)
     key = ["fold", "endpoint", "subject_id"]
     merged = first.merge(second, on=key, suffixes=("", "_shuffled"))
@@ -97,7 +98,8 @@ def fake_context(tmp_path, n: int = 150, seed: int = 0) -> RunContext:
     rng = np.random.default_rng(seed)
     df = pd.DataFrame({"subject_id": [f"s{i:03d}" for i in range(n)], "patient_id": [f"p{i:03d}" for i in range(n)],
                        "site": np.array(["A", "B", "C"])[np.arange(n) % 3],
-                       "split": np.array(["train"] * 6 + ["val"] * 2 + ["test"] * 2)[rng.permutation(np.arange(n) % 10)]})
+                       "split": np.array(["train"] * 6 + ["val"] * 2 + ["test"] * 2)[rng.permutation(np.arange(n) % 10)]
+                       })
     df["latent"] = rng.normal(size=n)
     for endpoint in BINARY_ENDPOINTS:
         y = (2 * df["latent"] + rng.normal(size=n) > 0).astype(float)
@@ -124,7 +126,8 @@ def test_predictions_have_the_finetuning_format_and_molecular_rows(tmp_path):
     endpoints = ("idh", "mgmt", "ki67")
     pred, choices = baseline_predictions(ctx.manifest, features, endpoints, {"ki67": 10.0}, seed=3)
     assert tuple(pred.columns) == PREDICTION_COLUMNS and pred["y_true"].notna().all()
-    assert set(pred["split"]) == {"train", "val", "test"} and set(pred["fold"]) == {"pooled"} and (pred["seed"] == 3).all()
+    assert set(pred["split"]) == {"train", "val", "test"} and set(pred["fold"]) == {"pooled"}
+    assert (pred["seed"] == 3).all()
     assert len(choices) == 3 and {c["endpoint"] for c in choices} == set(endpoints)
     table = molecular_table(pred, "handcrafted", "erm", "pooled", 3, {"ki67": 10.0}, n_boot=20, endpoints=endpoints)
     overall = table[table["site"] == "all"].set_index("endpoint")
@@ -199,7 +202,8 @@ def test_ceiling_fraction_from_predictions_and_an_oracle(tmp_path):
     ctx = fake_context(tmp_path)
     pred, _ = baseline_predictions(ctx.manifest, planted_features(ctx.manifest), ("idh", "mgmt"), {}, seed=0)
     oracle = pd.DataFrame([{"subject_id": s, "endpoint": e, "value": 1 / (1 + np.exp(-2 * z))}
-                           for s, z in zip(ctx.manifest["subject_id"], ctx.manifest["latent"]) for e in ("idh", "mgmt")])
+                           for s, z in zip(ctx.manifest["subject_id"], ctx.manifest["latent"])
+                           for e in ("idh", "mgmt")])
     bounds = oracle_bounds(pred, oracle)
     assert set(bounds) == {"idh", "mgmt"} and all(b > 0.8 for b in bounds.values())
     value = ceiling_fraction_of_predictions(pred, bounds)
