@@ -87,22 +87,29 @@ def test_monai_and_torch_paths_draw_views_from_the_same_distribution():
     volume = torch.from_numpy((2.0 + 0.5 * rng.normal(size=(2, SIDE, SIDE, SIDE))).astype(np.float32))
     recipe = ViewRecipe(n_global=2, n_local=0, strong=True)
 
-    def summaries(path: str, seed0: int) -> np.ndarray:
-        maker = SampleViews(recipe, VIEW, (8, 8, 8), **PATHS[path])
-        rows = []
-        for i in range(150):
-            for v in maker(volume, seed0 + i):
-                v = v.double()
-                mean = v.mean()
-                row = [mean, v.std()]
-                for axis in (1, 2, 3):
-                    half = v.shape[axis] // 2
-                    row.append((v.narrow(axis, half, half).mean() - v.narrow(axis, 0, half).mean()) / mean)
-                grad = sum(v.diff(dim=axis).pow(2).mean() for axis in (1, 2, 3))
-                rows.append([float(x) for x in row] + [float(torch.log(grad / v.var()))])
-        return np.array(rows)
+    def summary(v: torch.Tensor) -> list[float]:
+        v = v.double()
+        mean = v.mean()
+        row = [mean, v.std()]
+        for axis in (1, 2, 3):
+            half = v.shape[axis] // 2
+            row.append((v.narrow(axis, half, half).mean() - v.narrow(axis, 0, half).mean()) / mean)
+        grad = sum(v.diff(dim=axis).pow(2).mean() for axis in (1, 2, 3))
+        return [float(x) for x in row] + [float(torch.log(grad / v.var()))]
 
-    monai, fast = summaries("monai", 0), summaries("torch", 100_000)
+    def summaries(path: str, seed0: int) -> np.ndarray:
+        if path == "batch":  # augment_on: device: the loader crops and flips, BatchAugment jitters whole batches
+            maker = SampleViews(recipe, VIEW, (8, 8, 8))
+            gen = torch.Generator().manual_seed(seed0)
+            views_ = [v for i in range(150) for v in maker(volume, seed0 + i)]
+            batches = [BatchAugment()(torch.stack(views_[k:k + 20]), gen) for k in range(0, len(views_), 20)]
+            return np.array([summary(v) for batch in batches for v in batch])
+        maker = SampleViews(recipe, VIEW, (8, 8, 8), **PATHS[path])
+        return np.array([summary(v) for i in range(150) for v in maker(volume, seed0 + i)])
+
+    monai = summaries("monai", 0)
     names = ["mean", "sd", "slope_lr", "slope_ap", "slope_si", "log_roughness"]
-    pvalues = {name: ks_2samp(monai[:, j], fast[:, j]).pvalue for j, name in enumerate(names)}
-    assert min(pvalues.values()) > 1e-3, pvalues
+    for path, seed0 in (("torch", 100_000), ("batch", 200_000)):
+        other = summaries(path, seed0)
+        pvalues = {name: ks_2samp(monai[:, j], other[:, j]).pvalue for j, name in enumerate(names)}
+        assert min(pvalues.values()) > 1e-3, (path, pvalues)
