@@ -3,7 +3,10 @@
 A view is a random crop of a preprocessed volume (4, D, H, W) plus a random left-right flip and, for the
 joint-embedding methods (BYOL, DINO, MoCo), photometric and geometric jitter: affine (rotation +-15 deg,
 scale +-10%), intensity scale/shift, gamma, bias field, blur and Gaussian noise. MAE uses crops and flips
-only, as its paper does.
+only, as its paper does. DINO gets two global crops of ``view_size`` and ``n_local_views`` local crops of
+``local_view_size`` (multi-crop). The papers crop a random area and resize it (224 and 96 pixels); the kit
+takes fixed-size 3D crops of the cached volume instead, because resampling every view costs more than
+the small networks it feeds.
 
 Flips are left-right only (array axis :data:`LR_AXIS` = 0 of the spatial dims: preprocessing orients every
 volume to RAS, :mod:`nrfm.transforms`). The brain is roughly mirror-symmetric about the mid-sagittal plane,
@@ -16,10 +19,7 @@ The two implementations below draw from the same distribution, transform by tran
 ``tests/test_views.py``): the parameter ranges of MONAI's ``Rand*d`` transforms, the bias field as MONAI's
 ``RandBiasField`` builds it (products of Legendre polynomials, every coefficient from
 ``U(-BIAS_COEFF, BIAS_COEFF)``) and one blur sigma per axis (MONAI's ``RandGaussianSmooth``, erf kernel
-truncated at 4 sigma, zero padding). DINO gets two global crops of ``view_size`` and ``n_local_views`` local crops of
-``local_view_size`` (multi-crop). The papers crop a random area and resize it (224 and 96 pixels); the kit
-takes fixed-size 3D crops of the cached volume instead, because resampling every view costs more than
-the small networks it feeds.
+truncated at 4 sigma, zero padding).
 
 Where the work happens (``PretrainingConfig.batch_augment`` and ``augment_on``):
 
@@ -67,9 +67,9 @@ P_FLIP = 0.5
 P_AFFINE, ROTATE_RAD, SCALE = 0.8, math.radians(15.0), 0.1
 P_INTENSITY, INTENSITY_SCALE, INTENSITY_SHIFT = 0.8, 0.2, 0.2
 P_GAMMA, GAMMA_RANGE = 0.5, (0.7, 1.5)
-# Bias-field coefficients are symmetric about 0 (as in TorchIO's RandomBiasField and NiftyNet's layer that
-# MONAI's is adapted from): MONAI's default range (0, 0.1) makes every coefficient positive, so every field
-# brightens the volume and the same (+L, +A, +S) corner, a direction bias that scanners do not have.
+# Bias-field coefficients are symmetric about 0 (as TorchIO's RandomBiasField draws them): MONAI's default
+# range (0, 0.1) makes every coefficient positive, so every field brightens the volume and the same
+# (+R, +A, +S) corner, a direction bias that scanners do not have.
 P_BIAS, BIAS_COEFF, BIAS_DEGREE = 0.5, 0.1, 2
 P_BLUR, BLUR_SIGMA = 0.5, (0.25, 1.0)
 P_NOISE, NOISE_STD = 0.5, 0.1
