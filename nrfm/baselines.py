@@ -303,7 +303,8 @@ def handcrafted_features_of_run(ctx, progress: bool = True) -> pd.DataFrame:
 
 
 def run_baseline_stage(ctx, baseline: str, protocol: str = "pooled", progress: bool = True,
-                       features: pd.DataFrame | np.ndarray | None = None) -> BaselineResult:
+                       features: pd.DataFrame | np.ndarray | None = None,
+                       folds: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]] | None = None) -> BaselineResult:
     """Fit one baseline under one protocol; write its predictions, choices and ``molecular.csv`` rows.
 
     Args:
@@ -313,6 +314,8 @@ def run_baseline_stage(ctx, baseline: str, protocol: str = "pooled", progress: b
             writes).
         protocol: ``pooled`` or ``loso``.
         features: use these instead (a DataFrame indexed by subject_id or an array in manifest order).
+        folds: (fold, train rows, val rows, test rows) positions in ``ctx.manifest``; default
+            :func:`baseline_folds`. Pass the fine-tuning stage's folds so both see the same subjects.
 
     Writes:
         ``artifacts/predictions_<backbone>_<objective>_<protocol>.csv`` (the fine-tuning predictions format),
@@ -337,7 +340,7 @@ def run_baseline_stage(ctx, baseline: str, protocol: str = "pooled", progress: b
 
             features = load_embeddings(ctx, baseline, "pretrained")
     endpoints, cuts = tuple(cfg.endpoints), cuts_of(cfg)
-    predictions, choices = baseline_predictions(ctx.manifest, features, endpoints, cuts, seed, protocol)
+    predictions, choices = baseline_predictions(ctx.manifest, features, endpoints, cuts, seed, protocol, folds)
     name = f"{backbone}_{objective}_{protocol}"
     path = atomic_write_csv(ctx.artifacts_dir / f"predictions_{name}.csv", predictions)
     atomic_write_json(ctx.artifacts_dir / f"baseline_{name}.json",
