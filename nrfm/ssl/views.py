@@ -1,12 +1,25 @@
 """3D augmentation views for self-supervised pretraining, one recipe per method.
 
-A view is a random crop of a preprocessed volume (4, D, H, W) plus random flips and, for the joint-embedding
-methods (BYOL, DINO, MoCo), photometric and geometric jitter: affine (rotation +-15 deg, scale +-10%),
-intensity scale/shift, gamma, bias field, blur and Gaussian noise. MAE uses crops and flips only, as its
-paper does. DINO gets two global crops of ``view_size`` and ``n_local_views`` local crops of
+A view is a random crop of a preprocessed volume (4, D, H, W) plus a random left-right flip and, for the
+joint-embedding methods (BYOL, DINO, MoCo), photometric and geometric jitter: affine (rotation +-15 deg,
+scale +-10%), intensity scale/shift, gamma, bias field, blur and Gaussian noise. MAE uses crops and flips
+only, as its paper does. DINO gets two global crops of ``view_size`` and ``n_local_views`` local crops of
 ``local_view_size`` (multi-crop). The papers crop a random area and resize it (224 and 96 pixels); the kit
 takes fixed-size 3D crops of the cached volume instead, because resampling every view costs more than
 the small networks it feeds.
+
+Flips are left-right only (array axis :data:`LR_AXIS` = 0 of the spatial dims: preprocessing orients every
+volume to RAS, :mod:`nrfm.transforms`). The brain is roughly mirror-symmetric about the mid-sagittal plane,
+so a left-right flip gives a plausible brain with the tumour in the other hemisphere; flipping along the
+anterior-posterior or superior-inferior axis gives upside-down or back-to-front anatomy that no scanner
+produces, and teaches the backbone to ignore where in the brain (frontal, temporal, ...) a tumour lies,
+a cue that is linked to the molecular markers (e.g. IDH-mutant gliomas favour the frontal lobe).
+
+The two implementations below draw from the same distribution, transform by transform (tested in
+``tests/test_views.py``): the parameter ranges of MONAI's ``Rand*d`` transforms, the bias field as MONAI's
+``RandBiasField`` builds it (products of Legendre polynomials, every coefficient from
+``U(-BIAS_COEFF, BIAS_COEFF)``) and one blur sigma per axis (MONAI's ``RandGaussianSmooth``, erf kernel
+truncated at 4 sigma, zero padding).
 
 Where the work happens (``PretrainingConfig.batch_augment`` and ``augment_on``):
 
@@ -50,12 +63,21 @@ from nrfm.ssl.registry import method_class
 from nrfm.errors import ConfigError
 
 # augmentation strengths shared by the MONAI and the torch batch paths
+LR_AXIS = 0  # spatial axis running left-right after the RAS orientation of preprocessing (dim 1 of (C, D, H, W))
+P_FLIP = 0.5
 P_AFFINE, ROTATE_RAD, SCALE = 0.8, math.radians(15.0), 0.1
 P_INTENSITY, INTENSITY_SCALE, INTENSITY_SHIFT = 0.8, 0.2, 0.2
 P_GAMMA, GAMMA_RANGE = 0.5, (0.7, 1.5)
-P_BIAS, BIAS_COEFF = 0.5, 0.1
+# Bias-field coefficients are symmetric about 0 (as TorchIO's RandomBiasField draws them): MONAI's default
+# range (0, 0.1) makes every coefficient positive, so every field brightens the volume and the same
+# (+R, +A, +S) corner, a direction bias that scanners do not have.
+P_BIAS, BIAS_COEFF, BIAS_DEGREE = 0.5, 0.1, 2
 P_BLUR, BLUR_SIGMA = 0.5, (0.25, 1.0)
 P_NOISE, NOISE_STD = 0.5, 0.1
+# (i, j, k) degrees of the bias field's Legendre products, in the order MONAI's RandBiasField fills them
+_BIAS_POWERS = tuple((i, j, k) for i in range(BIAS_DEGREE + 1) for j in range(BIAS_DEGREE + 1 - i)
+                     for k in range(BIAS_DEGREE + 1 - i - j))
+N_BIAS_TERMS = len(_BIAS_POWERS)  # 10 for degree 2
 
 
 @dataclass(frozen=True)
@@ -89,7 +111,7 @@ def check_view_sizes(cfg: PretrainingConfig, volume_size: Sequence[int], method:
 def _monai_pipeline(size: Sequence[int], strong: bool, full: bool) -> Compose:
     keys = ["image"]
     steps = [RandSpatialCropd(keys, roi_size=tuple(size), random_size=False)]
-    steps += [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(3)]
+    steps += [RandFlipd(keys, prob=P_FLIP, spatial_axis=LR_AXIS)]
     if strong and full:
         steps += [
             RandAffined(keys, prob=P_AFFINE, rotate_range=(ROTATE_RAD,) * 3, scale_range=(SCALE,) * 3,
@@ -97,7 +119,7 @@ def _monai_pipeline(size: Sequence[int], strong: bool, full: bool) -> Compose:
             RandScaleIntensityd(keys, factors=INTENSITY_SCALE, prob=P_INTENSITY),
             RandShiftIntensityd(keys, offsets=INTENSITY_SHIFT, prob=P_INTENSITY),
             RandAdjustContrastd(keys, prob=P_GAMMA, gamma=GAMMA_RANGE),
-            RandBiasFieldd(keys, prob=P_BIAS, coeff_range=(0.0, BIAS_COEFF), degree=2),
+            RandBiasFieldd(keys, prob=P_BIAS, coeff_range=(-BIAS_COEFF, BIAS_COEFF), degree=BIAS_DEGREE),
             RandGaussianSmoothd(keys, prob=P_BLUR, sigma_x=BLUR_SIGMA, sigma_y=BLUR_SIGMA, sigma_z=BLUR_SIGMA),
             RandGaussianNoised(keys, prob=P_NOISE, std=NOISE_STD),
         ]
@@ -110,15 +132,15 @@ def _item_seed(*parts: int) -> int:
 
 
 def crop_and_flip(image: Tensor, size: Sequence[int], rng: np.random.RandomState) -> Tensor:
-    """A uniformly placed ``size`` crop of (C, D, H, W) ``image``, each spatial axis flipped with p = 0.5.
+    """A uniformly placed ``size`` crop of (C, D, H, W) RAS ``image``, flipped left-right with p = :data:`P_FLIP`.
 
-    The distribution of MONAI's ``RandSpatialCropd(random_size=False)`` + ``RandFlipd(prob=0.5)`` per axis,
-    without the MetaTensor bookkeeping that makes MONAI's version cost ~2 ms per view (this one ~0.05 ms).
+    The distribution of MONAI's ``RandSpatialCropd(random_size=False)`` + ``RandFlipd(prob=P_FLIP,
+    spatial_axis=LR_AXIS)``, without the MetaTensor bookkeeping that makes MONAI's version cost ~2 ms per view
+    (this one ~0.05 ms). Never flips anterior-posterior or superior-inferior (see the module docstring).
     """
     starts = [int(rng.randint(0, int(n) - int(s) + 1)) for n, s in zip(image.shape[1:], size)]
-    flips = [axis + 1 for axis in range(3) if rng.rand() < 0.5]
     out = image[:, starts[0]:starts[0] + size[0], starts[1]:starts[1] + size[1], starts[2]:starts[2] + size[2]]
-    return torch.flip(out, flips) if flips else out
+    return torch.flip(out, [LR_AXIS + 1]) if rng.rand() < P_FLIP else out
 
 
 class SampleViews:
@@ -227,9 +249,10 @@ def batch_generator(seed: int, epoch: int, step: int, device: torch.device) -> t
 class BatchAugment:
     """Photometric and affine jitter of a batch of views in torch, each sample with its own draws.
 
-    Same transforms and strengths as the MONAI path: affine (bilinear ``grid_sample``), intensity
-    scale/shift, gamma on the min-max range (as ``RandAdjustContrast``), a multiplicative ``exp`` of a
-    degree-2 polynomial bias field, separable Gaussian blur and Gaussian noise.
+    Same transforms and distributions as the MONAI path: affine (bilinear ``grid_sample``, the sampling grid
+    scaled by the drawn factors as ``RandAffine`` does), intensity scale/shift, gamma on the min-max range (as
+    ``RandAdjustContrast``), a multiplicative ``exp`` of a degree-2 Legendre bias field (as ``RandBiasField``),
+    separable Gaussian blur with one sigma per axis (as ``RandGaussianSmooth``) and Gaussian noise.
     """
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
@@ -250,8 +273,8 @@ class BatchAugment:
         on = chosen(P_INTENSITY).view(b, 1, 1, 1, 1)
         x = torch.where(on, x + uniform(-INTENSITY_SHIFT, INTENSITY_SHIFT, b, 1, 1, 1, 1), x)
         x = self._gamma(x, chosen(P_GAMMA), uniform(*GAMMA_RANGE, b))
-        x = self._bias(x, chosen(P_BIAS), uniform(-BIAS_COEFF, BIAS_COEFF, b, 10))
-        x = self._blur(x, chosen(P_BLUR), uniform(*BLUR_SIGMA, b))
+        x = self._bias(x, chosen(P_BIAS), uniform(-BIAS_COEFF, BIAS_COEFF, b, N_BIAS_TERMS))
+        x = self._blur(x, chosen(P_BLUR), uniform(*BLUR_SIGMA, b, 3))
         noise_std = uniform(0.0, NOISE_STD, b) * chosen(P_NOISE)
         noise = torch.randn(x.shape, generator=generator, device=dev, dtype=torch.float32)
         x = x + noise * noise_std.view(b, 1, 1, 1, 1)
@@ -272,8 +295,8 @@ class BatchAugment:
         p = torch.rand(7, generator=generator, device=dev).tolist()
         angles, scales = uniform(-ROTATE_RAD, ROTATE_RAD, 1, 3), uniform(1 - SCALE, 1 + SCALE, 1, 3)
         factor, shift = uniform(-INTENSITY_SCALE, INTENSITY_SCALE, 1), uniform(-INTENSITY_SHIFT, INTENSITY_SHIFT, 1)
-        gamma, coeff = uniform(*GAMMA_RANGE, 1), uniform(-BIAS_COEFF, BIAS_COEFF, 1, 10)
-        sigma, noise_std = uniform(*BLUR_SIGMA, 1), float(uniform(0.0, NOISE_STD, 1))
+        gamma, coeff = uniform(*GAMMA_RANGE, 1), uniform(-BIAS_COEFF, BIAS_COEFF, 1, N_BIAS_TERMS)
+        sigma, noise_std = uniform(*BLUR_SIGMA, 1, 3), float(uniform(0.0, NOISE_STD, 1))
         on = torch.ones(1, dtype=torch.bool, device=dev)
         dt, y = x.dtype, x.float()[None]
         if p[0] < P_AFFINE:
@@ -299,7 +322,8 @@ class BatchAugment:
         rx = torch.stack([one, zero, zero, zero, cos[:, 0], -sin[:, 0], zero, sin[:, 0], cos[:, 0]], 1).view(-1, 3, 3)
         ry = torch.stack([cos[:, 1], zero, sin[:, 1], zero, one, zero, -sin[:, 1], zero, cos[:, 1]], 1).view(-1, 3, 3)
         rz = torch.stack([cos[:, 2], -sin[:, 2], zero, sin[:, 2], cos[:, 2], zero, zero, zero, one], 1).view(-1, 3, 3)
-        matrix = rz @ ry @ rx @ torch.diag_embed(1.0 / scales)
+        # the grid maps output to input coordinates; scaling it by s (not 1/s) is RandAffine's convention
+        matrix = rz @ ry @ rx @ torch.diag_embed(scales)
         matrix = torch.where(on.view(-1, 1, 1), matrix, torch.eye(3, device=x.device).expand_as(matrix))
         theta = torch.cat([matrix, torch.zeros(x.shape[0], 3, 1, device=x.device)], dim=2)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
@@ -317,10 +341,13 @@ class BatchAugment:
     @staticmethod
     @functools.lru_cache(maxsize=16)
     def _bias_terms(d: int, h: int, w: int, device: torch.device) -> Tensor:
-        """(10, d, h, w) monomials of degree <= 2 on [-1, 1]^3 (cached per size: every view of a run shares it)."""
-        axes = [torch.linspace(-1, 1, n, device=device) for n in (d, h, w)]
-        zz, yy, xx = torch.meshgrid(*axes, indexing="ij")
-        return torch.stack([torch.ones_like(zz), zz, yy, xx, zz * zz, yy * yy, xx * xx, zz * yy, zz * xx, yy * xx])
+        """(N_BIAS_TERMS, d, h, w) products ``P_i(z) P_j(y) P_k(x)`` of Legendre polynomials with
+        ``i + j + k <= BIAS_DEGREE`` on [-1, 1]^3: the basis of MONAI's ``RandBiasField`` (cached per size)."""
+        axes = [torch.linspace(-1, 1, n, device=device, dtype=torch.float64) for n in (d, h, w)]
+        legendre = [[torch.ones_like(a), a, 1.5 * a * a - 0.5] for a in axes]  # P0, P1, P2
+        terms = [legendre[0][i][:, None, None] * legendre[1][j][None, :, None] * legendre[2][k][None, None, :]
+                 for i, j, k in _BIAS_POWERS]
+        return torch.stack(terms).float()
 
     @staticmethod
     def _bias(x: Tensor, on: Tensor, coeff: Tensor) -> Tensor:
@@ -329,18 +356,26 @@ class BatchAugment:
         return x * field.unsqueeze(1)
 
     @staticmethod
-    def _blur(x: Tensor, on: Tensor, sigma: Tensor, radius: int = 2) -> Tensor:
+    def _blur(x: Tensor, on: Tensor, sigma: Tensor) -> Tensor:
+        """Separable Gaussian blur, ``sigma`` (B, 3) per sample and axis: MONAI's ``GaussianFilter`` kernel
+        (``erf`` approximation, truncated at ``int(4 sigma + 0.5)`` voxels, zero padding). The convolution
+        spans the largest tail among the samples blurred; each kernel is zero beyond its own tail."""
         b, c = x.shape[:2]
-        offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
-        kernel = torch.exp(-0.5 * (offsets.view(1, -1) / sigma.view(-1, 1)) ** 2)
-        kernel = kernel / kernel.sum(1, keepdim=True)
-        identity = (offsets == 0).float().expand_as(kernel)
-        kernel = torch.where(on.view(-1, 1), kernel, identity).repeat_interleave(c, dim=0)  # (B*C, k)
+        tails = (sigma * 4.0).clamp_min(0.5).add(0.5).floor()  # MONAI's gaussian_1d tail per sample and axis
+        if not bool(on.any()):
+            return x
+        width = int(tails[on].max())
+        offsets = torch.arange(-width, width + 1, device=x.device, dtype=torch.float32)
+        identity = (offsets == 0).float()
         y = x.reshape(1, b * c, *x.shape[2:])
         for dim in range(3):
+            t = 0.70710678 / sigma[:, dim].view(-1, 1)
+            kernel = (0.5 * (torch.erf(t * (offsets + 0.5)) - torch.erf(t * (offsets - 0.5)))).clamp_min(0)
+            kernel = kernel * (offsets.abs() <= tails[:, dim].view(-1, 1))
+            kernel = torch.where(on.view(-1, 1), kernel, identity).repeat_interleave(c, dim=0)  # (B*C, k)
             shape = [b * c, 1, 1, 1, 1]
-            shape[2 + dim] = 2 * radius + 1
+            shape[2 + dim] = 2 * width + 1
             pad = [0, 0, 0, 0, 0, 0]
-            pad[2 * (2 - dim)] = pad[2 * (2 - dim) + 1] = radius
-            y = F.conv3d(F.pad(y, pad, mode="replicate"), kernel.view(shape), groups=b * c)
+            pad[2 * (2 - dim)] = pad[2 * (2 - dim) + 1] = width
+            y = F.conv3d(F.pad(y, pad, mode="constant", value=0.0), kernel.view(shape), groups=b * c)
         return y.view_as(x)
