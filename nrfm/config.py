@@ -253,6 +253,13 @@ class AnalysesConfig:
     survival_dro_lr: float = 0.05
     survival_dro_eta: float = 0.01  # group DRO step size over sites for the survival head
     gradcam_target_layer: str = ""  # dotted module name in the fine-tuned model; empty = the backbone's choice
+    # site invariance at a fixed case-mix: the *_casemix columns use the test subjects with this marker value
+    # (IDH-wildtype by default), so sites that treat different tumour types do not separate through case-mix alone
+    site_casemix_endpoint: str = "idh"
+    site_casemix_value: float = 0.0
+    # reference rows of site_invariance.csv (backbone "none"): intensity features of the preprocessed volumes
+    # (preprocessing_baseline) and of the raw volumes plus voxel spacing (positive_control)
+    site_reference_rows: bool = True
 
     def _check(self) -> None:
         _require(self.site_probe_folds >= 2, "site_probe_folds", f"must be >= 2, got {self.site_probe_folds}")
@@ -272,6 +279,10 @@ class AnalysesConfig:
                  f"unknown class {self.gradcam_class!r}; valid: {list(GRADCAM_CLASSES)}")
         _require(self.gradcam_subjects_per_site >= 1, "gradcam_subjects_per_site", "must be >= 1")
         _require(self.peritumoral_margin_mm > 0, "peritumoral_margin_mm", "must be > 0")
+        _require(self.site_casemix_endpoint in BINARY_ENDPOINTS, "site_casemix_endpoint",
+                 f"unknown binary endpoint {self.site_casemix_endpoint!r}; valid: {list(BINARY_ENDPOINTS)}")
+        _require(self.site_casemix_value in (0, 1), "site_casemix_value",
+                 f"must be 0 or 1, got {self.site_casemix_value}")
 
 
 @dataclass(frozen=True)
