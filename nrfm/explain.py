@@ -470,6 +470,17 @@ def summarise_scores(scores: pd.DataFrame, sites: Sequence[str], n_boot: int = 0
     return rows
 
 
+def enrichment_view(table: pd.DataFrame, region: str = "lesion") -> pd.DataFrame:
+    """Compact view of a :func:`gradcam_table` for display: one region's enrichment, its two controls, and counts."""
+    if region not in REGION_SCORES:
+        raise ValueError(f"unknown region {region!r}; valid: {list(REGION_SCORES)}")
+    name = f"{region}_enrichment"
+    columns = ["backbone", "objective", "site", "n", "n_empty_maps"]
+    for suffix in ("",) + tuple(f"_{c}" for c in CONTROLS):
+        columns += [f"{name}{suffix}", f"{name}{suffix}_ci_low", f"{name}{suffix}_ci_high"]
+    return table[[c for c in columns + ["note"] if c in table]]
+
+
 def gradcam_table(ctx, methods: Sequence[str], objectives: Sequence[str] | None = None, endpoint: str | None = None,
                   load_model: Callable[..., nn.Module] | None = None, progress: bool = True) -> pd.DataFrame:
     """Grad-CAM localization on the TEST subjects per backbone, objective and site (+ ``all``), with controls.

@@ -293,6 +293,9 @@ def test_stage_scores_planted_tumour_and_skips_empty_mask(tmp_path):
         assert by.loc[(objective, "A"), "note"] == "" and by.loc[(objective, "A"), "n"] == 3
     subjects = pd.read_csv(ctx.artifacts_dir / "gradcam_subjects_tiny_erm_idh.csv")
     assert len(subjects) == 6
+    from nrfm.explain import enrichment_view
+
+    assert enrichment_view(table)["n_empty_maps"].tolist() == [0] * 6
     fig = plot_gradcam_slices(ctx, "tiny", load_model=loader)
     assert len(fig.axes) >= 4 * 6 and (ctx.figures_dir / "gradcam_tiny_idh.png").is_file()
 
