@@ -103,7 +103,8 @@ def _enrichment_columns() -> tuple[str, ...]:
     return tuple(out)
 
 
-EXTRA_COLUMNS = (("n", "n_empty_maps", "n_skipped", "peritumoral_volume_fraction", "cam_in_core", "core_volume_fraction")
+EXTRA_COLUMNS = (("n", "n_empty_maps", "n_skipped", "peritumoral_volume_fraction", "cam_in_core",
+                  "core_volume_fraction")
                  + _enrichment_columns() + ("n_empty_maps_random_init", "explained_class", "note"))
 
 
