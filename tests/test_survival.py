@@ -83,6 +83,24 @@ def test_partial_likelihood_per_site_matches_lifelines_stratified_cox():
     assert -float(per.sum()) == pytest.approx(cph.log_likelihood_, rel=1e-6)
 
 
+def test_erm_baseline_is_lifelines_cox_stratified_by_site():
+    from lifelines import CoxPHFitter
+
+    from nrfm.survival import _fit_coxph
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(120, 2))
+    groups = np.repeat([0, 1, 2], 40)
+    time = rng.exponential(np.exp(-x @ [0.7, 0.0]) * np.array([50, 200, 800])[groups])  # site baselines differ
+    event = (rng.uniform(size=120) < 0.8).astype(int)
+    risk = _fit_coxph(x, time, event, groups, penalizer=0.1)
+    frame = pd.DataFrame(x, columns=["x0", "x1"]).assign(T=time, E=event, site=groups)
+    stratified = CoxPHFitter(penalizer=0.1).fit(frame, "T", "E", strata=["site"]).params_.to_numpy()
+    pooled = CoxPHFitter(penalizer=0.1).fit(frame.drop(columns="site"), "T", "E").params_.to_numpy()
+    assert risk(x) == pytest.approx(x @ stratified)
+    assert not np.allclose(stratified, pooled, atol=1e-3)
+
+
 def test_dro_cox_head_with_one_site_is_the_cox_mle():
     from lifelines import CoxPHFitter
 
