@@ -256,6 +256,13 @@ class AnalysesConfig:
     # pretraining never saw (pretraining uses every site's train split); exclude = pretrain per fold without
     # the held-out site (not implemented yet)
     loso_pretrain: str = "unseen_only"
+    # site invariance at a fixed case-mix: the *_casemix columns use the test subjects with this marker value
+    # (IDH-wildtype by default), so sites that treat different tumour types do not separate through case-mix alone
+    site_casemix_endpoint: str = "idh"
+    site_casemix_value: float = 0.0
+    # reference rows of site_invariance.csv (backbone "none"): intensity features of the preprocessed volumes
+    # (preprocessing_baseline) and of the raw volumes plus voxel spacing (positive_control)
+    site_reference_rows: bool = True
 
     def _check(self) -> None:
         _require(self.site_probe_folds >= 2, "site_probe_folds", f"must be >= 2, got {self.site_probe_folds}")
@@ -280,6 +287,10 @@ class AnalysesConfig:
         _require(self.loso_pretrain != "exclude", "loso_pretrain",
                  "'exclude' (pretraining once per fold without the held-out site) is not implemented; "
                  "use 'unseen_only' (each fold scores only the held-out exams pretraining never saw)")
+        _require(self.site_casemix_endpoint in BINARY_ENDPOINTS, "site_casemix_endpoint",
+                 f"unknown binary endpoint {self.site_casemix_endpoint!r}; valid: {list(BINARY_ENDPOINTS)}")
+        _require(self.site_casemix_value in (0, 1), "site_casemix_value",
+                 f"must be 0 or 1, got {self.site_casemix_value}")
 
 
 @dataclass(frozen=True)

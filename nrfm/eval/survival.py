@@ -3,8 +3,13 @@
 NeuroRAD-FM (Bhattacharya et al., arXiv 2509.15416, survival analysis) reports per-site c-indices that rise
 from ERM to DRO fine-tuning (CUIMC 0.592 -> 0.597, UPenn 0.647 -> 0.672, UCSF 0.600 -> 0.627).
 
-Cohort: IDH-wildtype (``idh == 0``) grade-4 tumours (grade may be unknown; a known grade other than 4 is
-excluded) with ``os_days > 0`` and a known ``os_event``.
+Cohort, one row per PATIENT: IDH-wildtype (``idh == 0``) grade-4 tumours (grade may be unknown; a known grade
+other than 4 is excluded) with ``os_days > 0`` and a known ``os_event``. Survival is timed from the baseline exam,
+so a patient contributes exactly one exam, the first in manifest order that carries survival (the canonical
+manifest has no exam date: the importers give survival only to the baseline exam, UPenn ``_11`` and the UCSF base
+exam, and ``nrfm synth`` lists exam ``01`` before ``02``); later exams of that patient carry none. IDH and grade
+are tumour properties, so a value missing on that exam is taken from the patient's other exams (first known value
+in manifest order).
 
 Features (identical for both objectives): the fine-tuned embedding reduced by a PCA fitted on the TRAINING
 cohort subjects (``survival_pca_components``), plus age if ``survival_use_age`` (missing ages get the training
@@ -12,18 +17,26 @@ median), all standardized with training statistics.
 
 The comparison, ``objective`` in ``metrics/survival.csv``:
 
-* ``erm``: ERM-tuned embedding + lifelines ``CoxPHFitter`` (pooled partial likelihood, Efron ties).
-* ``dro``: DRO-tuned embedding + :class:`DROCoxHead`, a linear risk score trained on the Breslow partial
-  likelihood computed within each site (risk sets never mix sites), the per-site losses combined by
-  :class:`nrfm.train.dro.GroupDRO` weights over sites.
+* ``erm``: ERM-tuned embedding + lifelines ``CoxPHFitter(strata=["site"])``: one linear risk score, a baseline
+  hazard per site, risk sets within each site (Efron ties), the per-site partial likelihoods simply summed.
+* ``dro``: DRO-tuned embedding + :class:`DROCoxHead`, the same site-stratified Cox model (risk sets never mix
+  sites), the per-site losses combined by :class:`nrfm.train.dro.GroupDRO` weights over sites instead of summed.
 
-Both use the same cohort, splits, features and L2 penalty grid, with the penalty chosen by the validation
-c-index; both penalize ``penalizer * ||w||^2 / 2`` on standardized features against a loss scaled per subject
-(lifelines' convention), so the only differences are the embedding and the objective, as in the paper.
+The site loss the DRO weights see is size-free (:func:`site_cox_losses`): the per-event log partial-likelihood
+ratio against the null model (risk 0). The raw per-site negative log partial likelihood grows with the log of the
+risk-set sizes and with the number of events, so on the default cohort the weights went to the biggest site
+(CUIMC 0.01, UCSF 0.17, UPenn 0.82) for its size, not its difficulty.
+
+Both use the same cohort, splits, features, site strata and L2 penalty grid, with the penalty chosen by the
+validation c-index; both penalize ``penalizer * ||w||^2 / 2`` on standardized features (lifelines scales its
+log-likelihood per subject, the DRO head per event: the validation choice absorbs the difference), so the only
+differences are the embedding and the objective (sum of site likelihoods versus group DRO over sites).
 
 Evaluation on the TEST cohort, per site and ``all``: Harrell's c-index (``lifelines.utils.concordance_index``
 expects higher = longer survival, so it gets ``-risk``) with a percentile bootstrap CI, and the log-rank test
-of predicted high versus low risk split at the TRAINING median risk.
+of predicted high versus low risk split at the TRAINING median risk. The test risk scores are written to
+``artifacts/survival_risk_{backbone}_{objective}.csv`` (:func:`survival_risk_path`; columns
+:data:`RISK_COLUMNS`), one row per test patient, for paired comparisons of the objectives.
 """
 from __future__ import annotations
 
@@ -35,17 +48,30 @@ from tqdm.auto import tqdm
 
 SURVIVAL_COLUMNS = ("backbone", "objective", "site", "n", "events", "c_index", "ci_low", "ci_high", "logrank_p")
 EXTRA_COLUMNS = ("note", "model", "penalizer", "n_train", "train_events", "n_features")
-MODELS = {"erm": "coxph", "dro": "dro_cox_head"}
+MODELS = {"erm": "coxph_site_strata", "dro": "dro_cox_head"}
+RISK_COLUMNS = ("subject_id", "patient_id", "site", "os_days", "os_event", "risk", "high_risk")
 
 
 # ---- cohort and features --------------------------------------------------------------------------------------
 def survival_cohort(manifest: pd.DataFrame) -> np.ndarray:
-    """Boolean mask (n_rows,) of IDH-wildtype grade-4 (or unknown grade) rows with known survival."""
+    """Boolean mask (n_rows,): the survival exam of each IDH-wildtype grade-4 (or unknown grade) patient.
+
+    One row per patient (see the module docstring): the patient's first exam in manifest order with
+    ``os_days > 0`` and a known ``os_event``; IDH and grade come from that exam or, where missing there, from the
+    patient's first exam that has them. Without a ``patient_id`` column every row is its own patient.
+    """
     grade = pd.to_numeric(manifest["grade"], errors="coerce")
     days = pd.to_numeric(manifest["os_days"], errors="coerce")
     event = pd.to_numeric(manifest["os_event"], errors="coerce")
     idh = pd.to_numeric(manifest["idh"], errors="coerce")
-    return ((idh == 0) & (grade.isna() | (grade == 4)) & (days > 0) & event.isin([0, 1])).to_numpy()
+    patient = (manifest["patient_id"].astype(str) if "patient_id" in manifest
+               else pd.Series(np.arange(len(manifest)).astype(str), index=manifest.index))
+    # tumour properties known on any exam of the patient fill the survival exam's gaps
+    idh = idh.fillna(idh.groupby(patient).transform("first"))
+    grade = grade.fillna(grade.groupby(patient).transform("first"))
+    has_survival = (days > 0) & event.isin([0, 1])
+    first = has_survival & (has_survival.astype(int).groupby(patient).cumsum() == 1)
+    return ((idh == 0) & (grade.isna() | (grade == 4)) & first).to_numpy()
 
 
 def survival_features(embedding: np.ndarray, age: np.ndarray | None, train: np.ndarray,
@@ -116,12 +142,46 @@ def cox_partial_nll_per_sample(risk, time, event, groups):
     return out
 
 
+def site_cox_losses(risk, time, event, groups):
+    """Size-free per-subject Cox losses whose per-site mean is that site's per-event log-likelihood ratio.
+
+    For site s with d_s events and n_s subjects, returns ``l_i * n_s / d_s`` where ``l_i`` is subject i's
+    :func:`cox_partial_nll_per_sample` minus its value at the null model (risk 0, i.e. ``event_i * log |R_i|``).
+    Averaged over the site (as :class:`nrfm.train.dro.GroupDRO` does) this is
+    ``(NLL_s(model) - NLL_s(null)) / d_s = -(1/d_s) sum_{events i} [r_i - log mean_{j in R_i} exp(r_j)]``.
+
+    Why this form: the raw per-site NLL is ``sum_{events} [log sum_{R_i} exp(r_j) - r_i]``, whose null value
+    ``sum_{events} log |R_i|`` grows with the number of events and the log of the risk-set sizes: a site ten times
+    larger has a larger loss at equal ranking quality, and group DRO, which up-weights the largest loss, then
+    chases site size. Subtracting the null value turns each event's term into the log of a risk-set *mean*
+    (size-free), and dividing by d_s makes it a per-event average, so sites of equal difficulty score alike
+    whatever their size and event rate. 0 = no better than the null model, negative = better; a site with no
+    event gets 0 (it carries no ranking information).
+
+    Args:
+        risk: (n,) float tensor, the linear predictor.
+        time, event, groups: (n,) tensors (event 0/1, groups int).
+
+    Returns:
+        (n,) tensor (differentiable in ``risk``).
+    """
+    import torch
+
+    per = cox_partial_nll_per_sample(risk, time, event, groups)
+    null = cox_partial_nll_per_sample(torch.zeros_like(risk), time, event, groups)
+    counts = torch.bincount(groups.long()).to(risk.dtype)
+    events = torch.zeros_like(counts).index_add(0, groups.long(), event.to(risk.dtype))
+    scale = torch.where(events > 0, counts / events.clamp(min=1), torch.zeros_like(counts))
+    return (per - null) * scale[groups.long()]
+
+
 class DROCoxHead:
     """Linear Cox risk score trained with group DRO over sites (per-site partial likelihoods).
 
-    Each step computes :func:`cox_partial_nll_per_sample` on the whole training set (full batch: survival
-    cohorts are small), lets :class:`nrfm.train.dro.GroupDRO` average it per site (site loss = site partial NLL /
-    n_site) and update its site weights q, and descends on ``sum_s q_s L_s + penalizer ||w||^2 / 2`` with Adam.
+    Each step computes :func:`site_cox_losses` on the whole training set (full batch: survival cohorts are
+    small), lets :class:`nrfm.train.dro.GroupDRO` average it per site (site loss L_s = per-event log partial-likelihood
+    ratio against the null model, size-free) and update its site weights q, and descends on
+    ``sum_s q_s L_s + penalizer ||w||^2 / 2`` with Adam.
 
     Args:
         penalizer: L2 strength (lifelines' scale).
@@ -157,7 +217,7 @@ class DROCoxHead:
         self.loss_history_ = []
         for _ in range(self.steps):
             opt.zero_grad()
-            loss = dro.loss(cox_partial_nll_per_sample(x @ w, t, e, g), g) + 0.5 * self.penalizer * (w * w).sum()
+            loss = dro.loss(site_cox_losses(x @ w, t, e, g), g) + 0.5 * self.penalizer * (w * w).sum()
             loss.backward()
             opt.step()
             self.loss_history_.append(float(loss.detach()))
@@ -170,12 +230,13 @@ class DROCoxHead:
         return np.asarray(X, dtype=float) @ self.coef_
 
 
-def _fit_coxph(X: np.ndarray, time: np.ndarray, event: np.ndarray, penalizer: float):
+def _fit_coxph(X: np.ndarray, time: np.ndarray, event: np.ndarray, groups: np.ndarray, penalizer: float):
+    """lifelines Cox model stratified by site (a baseline hazard per site, risk sets within sites)."""
     from lifelines import CoxPHFitter
 
     names = [f"x{i}" for i in range(X.shape[1])]
-    frame = pd.DataFrame(X, columns=names).assign(T=time, E=event)
-    model = CoxPHFitter(penalizer=penalizer).fit(frame, "T", "E")
+    frame = pd.DataFrame(X, columns=names).assign(T=time, E=event, site=np.asarray(groups))
+    model = CoxPHFitter(penalizer=penalizer).fit(frame, "T", "E", strata=["site"])
     return lambda Z: np.asarray(Z, float) @ model.params_[names].to_numpy()
 
 
@@ -205,7 +266,7 @@ def fit_risk_model(objective: str, X: np.ndarray, time: np.ndarray, event: np.nd
             warnings.simplefilter("ignore")  # lifelines' convergence chatter on tiny cohorts
             try:
                 if objective == "erm":
-                    risk_fn = _fit_coxph(X[train], time[train], event[train], pen)
+                    risk_fn = _fit_coxph(X[train], time[train], event[train], groups[train], pen)
                 else:
                     head = DROCoxHead(pen, cfg.survival_dro_steps, cfg.survival_dro_lr, cfg.survival_dro_eta)
                     risk_fn = head.fit(X[train], time[train], event[train], groups[train]).predict_risk
@@ -256,12 +317,17 @@ def evaluate_risk(time: np.ndarray, event: np.ndarray, risk: np.ndarray, thresho
     return row
 
 
+def survival_risk_path(ctx, method: str, objective: str):
+    """``artifacts/survival_risk_{method}_{objective}.csv``: test risk scores, columns :data:`RISK_COLUMNS`."""
+    return ctx.artifacts_dir / f"survival_risk_{method}_{objective}.csv"
+
+
 def survival_risk_table(ctx, method: str, objective: str) -> tuple[pd.DataFrame, dict]:
-    """Fit the objective's model and score every cohort subject.
+    """Fit the objective's model and score every cohort patient (one survival exam each).
 
     Returns:
-        (frame of cohort subjects: subject_id, site, split, os_days, os_event, risk, high_risk; fit info dict with
-        penalizer, threshold (training median risk), n_train, train_events, n_features and note).
+        (frame of cohort exams: subject_id, patient_id, site, split, os_days, os_event, risk, high_risk; fit info
+        dict with penalizer, threshold (training median risk), n_train, train_events, n_features and note).
     """
     from nrfm.eval.site_invariance import load_embeddings
 
@@ -278,7 +344,10 @@ def survival_risk_table(ctx, method: str, objective: str) -> tuple[pd.DataFrame,
     groups = cohort["site"].astype(str).map(site_index).to_numpy()
     info = {"n_train": int(train.sum()), "train_events": int(event[train].sum()), "penalizer": np.nan,
             "threshold": np.nan, "n_features": 0, "note": ""}
-    frame = cohort[["subject_id", "site", "split"]].assign(os_days=time, os_event=event, risk=np.nan, high_risk=np.nan)
+    patient = cohort["patient_id"] if "patient_id" in cohort else cohort["subject_id"]
+    frame = cohort[["subject_id", "site", "split"]].assign(patient_id=patient.astype(str), os_days=time,
+                                                          os_event=event, risk=np.nan, high_risk=np.nan)
+    frame = frame[["subject_id", "patient_id", "site", "split", "os_days", "os_event", "risk", "high_risk"]]
     if info["train_events"] < cfg.survival_min_events:
         info["note"] = (f"not fitted: {info['train_events']} training events < "
                         f"survival_min_events={cfg.survival_min_events}")
@@ -301,8 +370,9 @@ def survival_table(ctx, methods: Sequence[str], objectives: Sequence[str] | None
                    progress: bool = True) -> pd.DataFrame:
     """Rows backbone, objective, site (each site and ``all``): n, events, c_index, CI, logrank_p (+ extras).
 
-    Also writes the test risk scores to ``artifacts/survival_risk_{method}_{objective}.csv`` (read by the
-    Kaplan-Meier figure).
+    Also writes the TEST risk scores to :func:`survival_risk_path` (columns :data:`RISK_COLUMNS`, one row per
+    test patient; risk NaN when the model was not fitted), read by the Kaplan-Meier figure and by paired
+    comparisons of the objectives.
     """
     from nrfm.files import atomic_write_csv
 
@@ -312,8 +382,8 @@ def survival_table(ctx, methods: Sequence[str], objectives: Sequence[str] | None
     for method in tqdm(list(methods), desc="survival", disable=not progress):
         for objective in objectives:
             frame, info = survival_risk_table(ctx, method, objective)
-            atomic_write_csv(ctx.artifacts_dir / f"survival_risk_{method}_{objective}.csv", frame)
             test = frame[frame["split"] == "test"]
+            atomic_write_csv(survival_risk_path(ctx, method, objective), test[list(RISK_COLUMNS)])
             for site in list(ctx.sites) + ["all"]:
                 part = test if site == "all" else test[test["site"] == site]
                 base = {"backbone": method, "objective": objective, "site": site, "model": MODELS[objective],

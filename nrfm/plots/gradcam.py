@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from nrfm.eval.gradcam import (decision_threshold, endpoint_index, explained_sign, grad_cam_volumes, load_finetuned_model,
-                          resolve_target_layer)
+from nrfm.eval.gradcam import (CORE_LABELS, decision_threshold, endpoint_index, explained_sign, grad_cam_volumes,
+                          load_finetuned_model, resolve_target_layer)
 
 VIEWS = (("axial", 2), ("coronal", 1), ("sagittal", 0))  # (name, fixed array axis)
 T1C = 1  # channel order [t1, t1c, t2, flair]
@@ -36,7 +36,8 @@ def _slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
 def plot_gradcam_slices(ctx, method: str, objectives: Sequence[str] = ("erm", "dro"), endpoint: str | None = None,
                         rows: Sequence[int] | None = None, load_model: Callable[..., nn.Module] | None = None,
                         save: bool = True):
-    """One row per subject; per objective three panels (axial, coronal, sagittal) with the CAM and tumour outline.
+    """One row per subject; per objective three panels (axial, coronal, sagittal) with the CAM, the lesion outline
+    and, where it differs, the core outline.
 
     Args:
         method: backbone.
@@ -71,7 +72,9 @@ def plot_gradcam_slices(ctx, method: str, objectives: Sequence[str] = ("erm", "d
                              squeeze=False)
     for r, (row, item) in enumerate(zip(rows, items)):
         image = np.asarray(item["image"])[T1C]
-        tumor = np.asarray(item["seg"])[0] > 0
+        seg = np.asarray(item["seg"])[0]
+        tumor = seg > 0
+        core = np.isin(seg, CORE_LABELS)
         centre = np.round(np.argwhere(tumor).mean(axis=0)).astype(int)
         for k, objective in enumerate(objectives):
             for v, (view, axis) in enumerate(VIEWS):
@@ -83,6 +86,9 @@ def plot_gradcam_slices(ctx, method: str, objectives: Sequence[str] = ("erm", "d
                 outline = _slice(tumor.astype(float), axis, centre[axis])
                 if outline.any():
                     ax.contour(outline, levels=[0.5], colors="white", linewidths=0.8)
+                inner = _slice(core.astype(float), axis, centre[axis])
+                if inner.any() and not np.array_equal(inner, outline):
+                    ax.contour(inner, levels=[0.5], colors="yellow", linewidths=0.6)
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if r == 0:
@@ -92,7 +98,8 @@ def plot_gradcam_slices(ctx, method: str, objectives: Sequence[str] = ("erm", "d
                                   fontsize=7)
     if not rows:
         axes[0, 0].text(0.5, 0.5, "no test subject with a tumour mask", ha="center", transform=axes[0, 0].transAxes)
-    fig.suptitle(f"Grad-CAM for {endpoint} ({method}, {cfg.gradcam_class} class); white = tumour outline", fontsize=9)
+    fig.suptitle(f"Grad-CAM for {endpoint} ({method}, {cfg.gradcam_class} class); white = lesion (seg > 0), "
+                 "yellow = core (labels 1, 4)", fontsize=9)
     fig.tight_layout()
     if save:
         ctx.save_figure(fig, f"gradcam_{method}_{endpoint}")

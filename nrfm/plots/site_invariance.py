@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from nrfm.eval.site_invariance import available_stages, load_embeddings, split_indices
+from nrfm.eval.site_invariance import REFERENCE_STAGES, available_stages, load_embeddings, split_indices
 
 PROJECTIONS = ("pca", "umap", "tsne")
 
@@ -100,11 +100,15 @@ def plot_embedding_views(ctx, method: str, projection: str = "umap", marker: str
 def plot_site_invariance(ctx, table: pd.DataFrame, save: bool = True):
     """PCA-silhouette and site-probe balanced accuracy with 95% CIs per backbone and stage.
 
+    Bars: all test subjects; open circles: the fixed case-mix subset (``*_casemix``); horizontal lines: the
+    reference rows (preprocessing baseline, positive control), which do not depend on the backbone.
     Saved as ``figures/site_invariance.png``. Returns the matplotlib Figure.
     """
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    references = table[table["stage"].isin(REFERENCE_STAGES)]
+    table = table[~table["stage"].isin(REFERENCE_STAGES)]
     backbones = list(dict.fromkeys(table["backbone"]))
     stages = list(dict.fromkeys(table["stage"]))
     width = 0.8 / max(len(stages), 1)
@@ -117,8 +121,15 @@ def plot_site_invariance(ctx, table: pd.DataFrame, save: bool = True):
             value = part[metric].to_numpy(float)
             err = np.vstack([value - part[f"{ci}_ci_low"].to_numpy(float),
                              part[f"{ci}_ci_high"].to_numpy(float) - value])
-            ax.bar(x, value, width, label=stage, yerr=np.nan_to_num(err), capsize=2)
-        if metric == "site_probe_bacc" and "site_probe_chance" in table:
+            ax.bar(x, value, width, label=stage, yerr=np.nan_to_num(err), capsize=2, color=f"C{k}")
+            if f"{metric}_casemix" in part:
+                ax.scatter(x, part[f"{metric}_casemix"].to_numpy(float), facecolors="none", edgecolors="k", s=18,
+                           zorder=3, label="fixed case-mix" if k == 0 else None)
+        for j, (_, ref) in enumerate(references.iterrows()):
+            if np.isfinite(float(ref[metric])):
+                ax.axhline(float(ref[metric]), color=("0.4", "C3")[j % 2], ls=":", lw=1.2,
+                           label=str(ref["stage"]).replace("_", " "))
+        if metric == "site_probe_bacc" and "site_probe_chance" in table and len(table):
             ax.axhline(float(table["site_probe_chance"].iloc[0]), color="k", ls="--", lw=1, label="chance")
         ax.set_xticks(np.arange(len(backbones)), backbones)
         ax.set_title(title)

@@ -1,7 +1,7 @@
 """Kaplan-Meier curves of predicted high versus low risk, per site, ERM versus DRO.
 
 Reads ``artifacts/survival_risk_{method}_{objective}.csv`` written by :func:`nrfm.eval.survival.survival_table`
-(test subjects, risk split at the training median) and the log-rank p-values of ``metrics/survival.csv``.
+(one row per test patient, risk split at the training median) and the log-rank p-values of ``metrics/survival.csv``.
 """
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ from nrfm.errors import RunError
 
 
 def _risk_frame(ctx, method: str, objective: str) -> pd.DataFrame:
-    path = ctx.artifacts_dir / f"survival_risk_{method}_{objective}.csv"
+    from nrfm.eval.survival import survival_risk_path
+
+    path = survival_risk_path(ctx, method, objective)
     if not path.is_file():
         raise RunError(f"{path}: survival risk scores not found; run nrfm.eval.survival.run_survival_stage first")
-    frame = pd.read_csv(path, dtype={"subject_id": str, "site": str})
-    return frame[frame["split"] == "test"]
+    frame = pd.read_csv(path, dtype={"subject_id": str, "patient_id": str, "site": str})
+    return frame[frame["split"] == "test"] if "split" in frame else frame  # older files held every split
 
 
 def plot_kaplan_meier(ctx, method: str, objectives: Sequence[str] = ("erm", "dro"), save: bool = True):

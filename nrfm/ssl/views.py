@@ -9,7 +9,7 @@ takes fixed-size 3D crops of the cached volume instead, because resampling every
 the small networks it feeds.
 
 Flips are left-right only (array axis :data:`LR_AXIS` = 0 of the spatial dims: preprocessing orients every
-volume to RAS, :mod:`nrfm.transforms`). The brain is roughly mirror-symmetric about the mid-sagittal plane,
+volume to RAS, :mod:`nrfm.data.preprocessing`). The brain is roughly mirror-symmetric about the mid-sagittal plane,
 so a left-right flip gives a plausible brain with the tumour in the other hemisphere; flipping along the
 anterior-posterior or superior-inferior axis gives upside-down or back-to-front anatomy that no scanner
 produces, and teaches the backbone to ignore where in the brain (frontal, temporal, ...) a tumour lies,

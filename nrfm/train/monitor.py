@@ -2,8 +2,9 @@
 
 Linear probing of frozen features is the standard SSL evaluation (MAE, DINO, BYOL all report it). Here an
 L2-regularised, class-balanced logistic regression (scikit-learn, features standardised inside each fold)
-is cross-validated over the TRAIN and VAL subjects together (stratified ``folds``-fold, fixed seed); the test
-subjects are never touched. Reported per epoch:
+is cross-validated over the TRAIN and VAL subjects together (stratified ``folds``-fold grouped by patient, so
+two exams of one patient never sit on both sides of a fold; fixed seed); the test subjects are never touched.
+Reported per epoch:
 
 * ``probe_<endpoint>_auc``: ROC AUC of the out-of-fold decision values for ``cfg.monitor_endpoint``;
 * ``probe_site_bacc``: balanced accuracy of the out-of-fold site predictions (chance = 1 / number of sites).
@@ -60,38 +61,59 @@ def embed_volumes(backbone: nn.Module, dataset: Dataset, indices: Sequence[int],
     return torch.cat(out).numpy() if out else np.zeros((0, getattr(backbone, "embed_dim", 0)), np.float32)
 
 
-def _folds(labels: np.ndarray, folds: int) -> int:
-    """Number of stratified folds usable for ``labels`` (0 if fewer than 2 per class, or one class only)."""
-    counts = np.unique(labels, return_counts=True)[1]
-    return 0 if len(counts) < 2 else min(folds, int(counts.min()))
+def _folds(labels: np.ndarray, folds: int, groups: np.ndarray | None = None) -> int:
+    """Number of stratified folds usable for ``labels`` (0 if fewer than 2 per class, or one class only).
+
+    With ``groups`` a class counts its distinct groups (patients), since a group never splits across folds.
+    """
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    if len(classes) < 2:
+        return 0
+    if groups is None:
+        smallest = int(np.unique(labels, return_counts=True)[1].min())
+    else:
+        groups = np.asarray(groups)
+        smallest = min(len(np.unique(groups[labels == label])) for label in classes)
+    return min(folds, smallest)
 
 
 def cross_validated_probe(x: np.ndarray, y: np.ndarray, c: float = 0.1, folds: int = 5, seed: int = 0,
-                          method: str = "predict", class_weight: str | None = "balanced") -> np.ndarray | None:
+                          method: str = "predict", class_weight: str | None = "balanced",
+                          groups: np.ndarray | None = None) -> np.ndarray | None:
     """Out-of-fold ``method`` outputs (``predict`` or, for two classes, ``decision_function``) of a logistic
     regression (class-balanced by default) on ``x`` standardised inside each fold; stratified folds, at most
     ``folds`` and at most the smallest class's count; None when a class has fewer than 2 subjects.
+
+    ``groups`` (e.g. patient ids, (n,)): folds are ``StratifiedGroupKFold``, so all exams of a patient fall in the
+    same fold (a probe must not be scored on a patient whose other exam it was trained on); the fold count is then
+    capped by the smallest class's number of patients.
     """
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    k = _folds(y, folds)
+    k = _folds(y, folds, groups)
     if k < 2:
         return None
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, class_weight=class_weight, max_iter=2000))
-    return cross_val_predict(probe, x, y, cv=StratifiedKFold(k, shuffle=True, random_state=seed), method=method)
+    if groups is None:
+        return cross_val_predict(probe, x, y, cv=StratifiedKFold(k, shuffle=True, random_state=seed), method=method)
+    cv = StratifiedGroupKFold(k, shuffle=True, random_state=seed)
+    return cross_val_predict(probe, x, y, groups=np.asarray(groups).astype(str), cv=cv, method=method)
 
 
-def probe_auc(x: np.ndarray, y: np.ndarray, c: float = 0.1, folds: int = 5, seed: int = 0) -> float:
+def probe_auc(x: np.ndarray, y: np.ndarray, c: float = 0.1, folds: int = 5, seed: int = 0,
+              groups: np.ndarray | None = None) -> float:
     """Cross-validated ROC AUC of a linear probe for a binary label (NaN if a class has < 2 subjects)."""
-    scores = cross_validated_probe(x, np.asarray(y).astype(int), c, folds, seed, "decision_function")
+    scores = cross_validated_probe(x, np.asarray(y).astype(int), c, folds, seed, "decision_function", groups=groups)
     return float("nan") if scores is None else float(roc_auc_score(y, scores))
 
 
-def probe_balanced_accuracy(x: np.ndarray, y: np.ndarray, c: float = 0.1, folds: int = 5, seed: int = 0) -> float:
+def probe_balanced_accuracy(x: np.ndarray, y: np.ndarray, c: float = 0.1, folds: int = 5, seed: int = 0,
+                            groups: np.ndarray | None = None) -> float:
     """Cross-validated balanced accuracy of a linear probe for a categorical label (NaN if not enough subjects)."""
-    pred = cross_validated_probe(x, np.asarray(y), c, folds, seed)
+    pred = cross_validated_probe(x, np.asarray(y), c, folds, seed, groups=groups)
     return float("nan") if pred is None else float(balanced_accuracy_score(y, pred))
 
 
@@ -104,7 +126,7 @@ class RepresentationMonitor:
         endpoint: binary marker column; subjects with an unknown value are left out for that target.
         c: inverse L2 strength of the logistic regression.
         device, bf16, channels_last: as in training.
-        folds, seed: stratified cross-validation (the same folds every epoch).
+        folds, seed: stratified cross-validation grouped by ``patient_id`` (the same folds every epoch).
     """
 
     def __init__(self, dataset: Dataset, manifest: pd.DataFrame, endpoint: str, c: float = 0.1,
@@ -119,6 +141,8 @@ class RepresentationMonitor:
                   else np.full(len(manifest), np.nan))
         self.marker = marker[self.indices]
         self.site = manifest["site"].astype(str).to_numpy()[self.indices]
+        patient = manifest["patient_id"] if "patient_id" in manifest else manifest.index.to_series()
+        self.patient = patient.astype(str).to_numpy()[self.indices]
 
     @property
     def columns(self) -> list[str]:
@@ -130,5 +154,6 @@ class RepresentationMonitor:
                             self.channels_last)
         known = ~np.isnan(self.marker)
         marker_col, site_col = self.columns
-        return {marker_col: probe_auc(emb[known], self.marker[known], self.c, self.folds, self.seed),
-                site_col: probe_balanced_accuracy(emb, self.site, self.c, self.folds, self.seed)}
+        return {marker_col: probe_auc(emb[known], self.marker[known], self.c, self.folds, self.seed,
+                                      self.patient[known]),
+                site_col: probe_balanced_accuracy(emb, self.site, self.c, self.folds, self.seed, self.patient)}

@@ -12,8 +12,8 @@ from torch import nn
 from nrfm.config import Config
 from nrfm.pipeline.context import RunContext
 from nrfm.errors import ConfigError
-from nrfm.eval.gradcam import (GradCAM3D, grad_cam_volumes, localization_scores, peritumoral_ring, resolve_target_layer,
-                          gradcam_table, run_gradcam_stage)
+from nrfm.eval.gradcam import (GradCAM3D, grad_cam_volumes, gradcam_table, localization_scores, mask_derangement,
+                          peritumoral_ring, random_init_copy, resolve_target_layer, run_gradcam_stage)
 
 SIDE = 24
 REGION = (slice(4, 12), slice(12, 20), slice(8, 16))  # the planted evidence region, 8^3 of 24^3 voxels
@@ -84,11 +84,55 @@ def test_peritumoral_ring_is_a_margin_in_millimetres():
     assert not peritumoral_ring(np.zeros((3, 3, 3), bool), 2.0, (1, 1, 1)).any()
 
 
-def test_empty_mask_and_zero_cam_are_value_errors():
+def test_empty_mask_is_a_value_error_and_a_zero_cam_scores_as_a_flat_map():
     with pytest.raises(ValueError, match="empty tumour mask"):
         localization_scores(np.ones((4, 4, 4)), np.zeros((4, 4, 4), bool), None, 1.0, (1, 1, 1))
-    with pytest.raises(ValueError, match="zero everywhere"):
-        localization_scores(np.zeros((4, 4, 4)), np.ones((4, 4, 4), bool), None, 1.0, (1, 1, 1))
+    tumor = np.zeros((6, 6, 6), bool)
+    tumor[2:4, 2:4, 2:4] = True
+    s = localization_scores(np.zeros((6, 6, 6)), tumor, None, 1.0, (1, 1, 1))
+    assert s["empty_map"] == 1.0 and s["cam_in_tumor"] == s["tumor_volume_fraction"] == 8 / 216
+    assert s["cam_in_peritumoral"] == s["peritumoral_volume_fraction"]
+
+
+def test_regions_follow_the_brats_labels():
+    # a 4x4x4 lesion: enhancing (4) and necrotic (1) core in one corner, oedema (2) elsewhere; 1 mm ring outside
+    seg = np.zeros((10, 10, 10), np.uint8)
+    seg[3:7, 3:7, 3:7] = 2
+    seg[3:5, 3:5, 3:5] = 4
+    seg[3, 3, 3] = 1
+    cam = np.zeros(seg.shape)
+    cam[3:5, 3:5, 3:5] = 1.0  # all CAM mass on the core
+    s = localization_scores(cam, seg, None, 1.0, (1, 1, 1))
+    assert s["cam_in_core"] == 1.0 and s["core_volume_fraction"] == 8 / 1000
+    assert s["cam_in_tumor"] == 1.0 and s["tumor_volume_fraction"] == 64 / 1000
+    assert s["cam_in_peritumoral"] == 0.0 and s["peritumoral_volume_fraction"] == 6 * 16 / 1000  # one face layer
+    cam = (seg == 2).astype(float)  # all mass on the oedema: in the lesion, not in the core
+    s = localization_scores(cam, seg, None, 1.0, (1, 1, 1))
+    assert s["cam_in_core"] == 0.0 and s["cam_in_tumor"] == 1.0
+
+
+def test_mask_derangement_has_no_fixed_point_and_is_seeded():
+    for n in (2, 3, 10, 57):
+        perm = mask_derangement(n, seed=3)
+        assert sorted(perm) == list(range(n)) and (perm != np.arange(n)).all()
+    assert (mask_derangement(20, 1) == mask_derangement(20, 1)).all()
+    assert (mask_derangement(20, 1) != mask_derangement(20, 2)).any()
+    assert mask_derangement(1, 0).tolist() == [0]
+
+
+def test_random_init_copy_keeps_architecture_and_buffers_and_redraws_weights():
+    from nrfm.models.backbones import ViTBackbone
+
+    model = TinyFinetuneModel()
+    clone = random_init_copy(model, seed=0)
+    assert clone.endpoints == model.endpoints and torch.equal(clone.backbone.region, model.backbone.region)
+    assert not torch.equal(clone.heads.weight, model.heads.weight)
+    assert not torch.equal(clone.backbone.conv.weight, model.backbone.conv.weight)
+    assert torch.equal(random_init_copy(model, seed=0).heads.weight, clone.heads.weight)
+    vit = ViTBackbone(input_size=(16, 16, 16), patch_size=8, hidden_size=12, num_layers=1, num_heads=2)
+    for name, param in random_init_copy(vit, seed=0).named_parameters():
+        if param.numel() > 1 and "norm" not in name and "bias" not in name:
+            assert not torch.equal(param, dict(vit.named_parameters())[name]), name
 
 
 def test_gradcam3d_equals_library_gradcam_at_input_resolution():
@@ -170,6 +214,59 @@ def make_ctx(tmp_path, gradcam_class: str = "positive") -> RunContext:
     return RunContext(config=cfg, run_dir=tmp_path, manifest=pd.DataFrame(rows), cohort_dir=tmp_path, _dataset=items)
 
 
+class FollowingBackbone(nn.Module):
+    """Bias-free convolution with positive weights: its evidence sits wherever the input is bright (the tumour)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(4, 6, 3, stride=2, padding=1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.abs_()
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.conv(x)).mean(dim=(2, 3, 4))
+
+    def gradcam_target(self):
+        return self.act, None
+
+
+class FollowingModel(TinyFinetuneModel):
+    def __init__(self):
+        super().__init__()
+        self.backbone = FollowingBackbone()
+
+
+def test_shuffled_mask_control_separates_a_model_that_follows_the_tumour(tmp_path):
+    # each subject's tumour is a bright 6^3 cube at its own place: the trained maps sit on their own tumour, so
+    # the lesion enrichment is far above 1 while another subject's mask catches almost none of the mass
+    rng = np.random.default_rng(1)
+    rows, items = [], []
+    for i in range(8):
+        rows.append({"subject_id": f"S{i}", "patient_id": f"P{i}", "site": "AB"[i % 2], "split": "test"})
+        corner = [2 + 4 * (i % 4), 2 + 8 * (i // 4), 4 + 2 * i]
+        box = tuple(slice(c, c + 6) for c in corner)
+        seg = np.zeros((1, SIDE, SIDE, SIDE), np.uint8)
+        seg[(0, *box)] = 1
+        image = np.abs(rng.normal(size=(4, SIDE, SIDE, SIDE))).astype(np.float32) * 0.05
+        image[(slice(None), *box)] += 3.0
+        items.append({"image": torch.from_numpy(image), "seg": torch.from_numpy(seg),
+                      "brain": torch.ones(1, SIDE, SIDE, SIDE, dtype=torch.bool), "index": i})
+    cfg = Config()
+    cfg = cfg.replace(analyses=cfg.analyses.__class__(peritumoral_margin_mm=2.0, gradcam_class="positive",
+                                                      bootstrap=100))
+    ctx = RunContext(config=cfg, run_dir=tmp_path, manifest=pd.DataFrame(rows), cohort_dir=tmp_path, _dataset=items)
+    loader = lambda ctx, method, objective: FollowingModel()  # noqa: E731
+    table = gradcam_table(ctx, ["tiny"], objectives=["erm"], load_model=loader, progress=False)
+    row = table.set_index("site").loc["all"]
+    assert row["lesion_enrichment"] > 5
+    assert row["lesion_enrichment_ci_low"] > row["lesion_enrichment_shuffled_mask_ci_high"]
+    assert row["lesion_enrichment_shuffled_mask"] < 2
+    subjects = pd.read_csv(ctx.artifacts_dir / "gradcam_subjects_tiny_erm_idh.csv")
+    assert (subjects["shuffled_mask_subject_id"] != subjects["subject_id"]).all()
+    assert subjects["random_init_cam_in_tumor"].notna().all()
+
+
 def test_stage_scores_planted_tumour_and_skips_empty_mask(tmp_path):
     from nrfm.plots.gradcam import plot_gradcam_slices
 
@@ -183,15 +280,23 @@ def test_stage_scores_planted_tumour_and_skips_empty_mask(tmp_path):
     assert len(table) == 2 * 3 and set(table["endpoint"]) == {"idh"}
     for objective in ("erm", "dro"):
         assert by.loc[(objective, "all"), "cam_in_tumor"] > 0.5
-        assert by.loc[(objective, "all"), "tumor_enrichment"] > 10
-        low, high = by.loc[(objective, "all"), ["tumor_enrichment_ci_low", "tumor_enrichment_ci_high"]]
-        assert 1 < low <= by.loc[(objective, "all"), "tumor_enrichment"] <= high
+        assert by.loc[(objective, "all"), "lesion_enrichment"] > 10
+        low, high = by.loc[(objective, "all"), ["lesion_enrichment_ci_low", "lesion_enrichment_ci_high"]]
+        assert 1 < low <= by.loc[(objective, "all"), "lesion_enrichment"] <= high
+        # label 1 only: the core is the whole lesion
+        assert by.loc[(objective, "all"), "core_enrichment"] == by.loc[(objective, "all"), "lesion_enrichment"]
+        for control in ("shuffled_mask", "random_init"):
+            assert np.isfinite(by.loc[(objective, "all"), f"lesion_enrichment_{control}_ci_low"])
+        assert by.loc[(objective, "all"), "n_empty_maps"] == 0
         assert by.loc[(objective, "all"), "explained_class"] == "positive 5"
         assert by.loc[(objective, "B"), "n"] == 2 and by.loc[(objective, "B"), "n_skipped"] == 1
         assert by.loc[(objective, "B"), "note"] == "1 subject(s) skipped: empty tumour mask"
         assert by.loc[(objective, "A"), "note"] == "" and by.loc[(objective, "A"), "n"] == 3
     subjects = pd.read_csv(ctx.artifacts_dir / "gradcam_subjects_tiny_erm_idh.csv")
     assert len(subjects) == 6
+    from nrfm.eval.gradcam import enrichment_view
+
+    assert enrichment_view(table)["n_empty_maps"].tolist() == [0] * 6
     fig = plot_gradcam_slices(ctx, "tiny", load_model=loader)
     assert len(fig.axes) >= 4 * 6 and (ctx.figures_dir / "gradcam_tiny_idh.png").is_file()
 
@@ -215,9 +320,13 @@ def test_predicted_class_follows_the_models_threshold(tmp_path, threshold, expec
     subjects = pd.read_csv(ctx.artifacts_dir / "gradcam_subjects_tiny_erm_idh.csv", keep_default_na=False)
     scored = subjects[subjects["note"] != "skipped: empty tumour mask"]
     assert set(scored["explained_class"]) == {expected}
+    assert (scored["note"] == "").all()
+    overall = table.set_index("site").loc["all"]
     if expected == "negative":
-        # every head weight is positive: no evidence against idh anywhere, so every CAM is empty and skipped
-        assert (scored["note"] == "skipped: the CAM is zero everywhere in the brain").all()
-        assert table.set_index("site").loc["all", "n"] == 0
+        # every head weight is positive: no evidence against idh anywhere, so every CAM is empty; the subjects are
+        # counted, not dropped, and score as flat maps (enrichment exactly 1)
+        assert (scored["empty_map"].astype(float) == 1).all()
+        assert overall["n"] == 5 and overall["n_empty_maps"] == 5 and "5 of 5 map(s) zero everywhere" in overall["note"]
+        assert overall["lesion_enrichment"] == pytest.approx(1.0)
     else:
-        assert (scored["note"] == "").all() and table.set_index("site").loc["all", "tumor_enrichment"] > 10
+        assert overall["n_empty_maps"] == 0 and overall["lesion_enrichment"] > 10

@@ -7,8 +7,8 @@ import pytest
 
 from nrfm.config import Config
 from nrfm.pipeline.context import RunContext
-from nrfm.eval.site_invariance import (load_embeddings, pca_silhouette, run_site_invariance_stage, site_invariance_row,
-                             site_probe_balanced_accuracy, stratified_bootstrap_ci)
+from nrfm.eval.site_invariance import (intensity_features, load_embeddings, pca_silhouette, run_site_invariance_stage,
+                             site_invariance_row, site_probe_balanced_accuracy, stratified_bootstrap_ci)
 from nrfm.errors import DataError, LeakageError, RunError
 
 SITES = ("A", "B", "C")
@@ -27,7 +27,8 @@ def planted(n_per_site: int = 40, dim: int = 16, offset: float = 4.0, seed: int 
 def make_ctx(tmp_path, n_per_site: int = 30, offsets=None, bootstrap: int = 50) -> RunContext:
     """A run with a manifest (half train, quarter val, quarter test per site) and embeddings artifacts."""
     cfg = Config()
-    cfg = cfg.replace(analyses=cfg.analyses.__class__(bootstrap=bootstrap, embedding_pca_components=5))
+    cfg = cfg.replace(analyses=cfg.analyses.__class__(bootstrap=bootstrap, embedding_pca_components=5,
+                                                      site_reference_rows=False))
     rows = []
     for s in SITES:
         for i in range(n_per_site):
@@ -156,3 +157,75 @@ def test_views_and_summary_figure(tmp_path):
     table = run_site_invariance_stage(ctx, ["byol"], progress=False)
     plot_site_invariance(ctx, table)
     assert (ctx.figures_dir / "site_invariance.png").is_file()
+
+
+def test_site_probe_folds_are_grouped_by_patient():
+    # two identical exams per patient, random features and site labels drawn per patient: ungrouped folds put one
+    # exam in training and its twin in the held-out fold, so the probe "reads" the site by memory; grouped folds
+    # cannot, and stay at chance
+    rng = np.random.default_rng(0)
+    patients = np.repeat(np.arange(60), 2).astype(str)
+    emb = np.repeat(rng.normal(size=(60, 80)), 2, axis=0)
+    sites = np.repeat(rng.choice(["A", "B"], size=60), 2)
+    leaky = site_probe_balanced_accuracy(emb, sites)
+    grouped = site_probe_balanced_accuracy(emb, sites, groups=patients)
+    assert leaky > 0.8 and abs(grouped - 0.5) < 0.2
+
+
+def test_casemix_columns_remove_site_separation_that_comes_from_case_mix():
+    # the embedding encodes IDH only; site A is 80% IDH-mutant, site B 10%: all-subject numbers see "site",
+    # IDH-wildtype-only numbers do not
+    rng = np.random.default_rng(1)
+    sites = np.repeat(["A", "B"], 100)
+    idh = np.where(sites == "A", rng.uniform(size=200) < 0.8, rng.uniform(size=200) < 0.1).astype(float)
+    emb = rng.normal(size=(200, 8))
+    emb[:, 0] += 4 * idh
+    row = site_invariance_row(emb, emb, sites, n_components=4, n_folds=5, n_boot=20, casemix=idh == 0,
+                              casemix_label="idh=0")
+    assert row["site_probe_bacc"] > 0.75 and abs(row["site_probe_bacc_casemix"] - 0.5) < 0.15
+    assert row["pca_silhouette_site"] > row["pca_silhouette_site_casemix"] + 0.05
+    assert row["n_casemix"] == int((idh == 0).sum()) and row["casemix"] == "idh=0"
+
+
+def test_reference_rows_show_the_scale(tmp_path):
+    # raw volumes with a per-site gain (removed by z-scoring) and site-specific voxel spacing: the positive control
+    # reads the site, the preprocessing baseline (z-scored volumes, identical across sites) does not
+    import dataclasses
+
+    import nibabel as nib
+    import torch
+
+    ctx = make_ctx(tmp_path, n_per_site=12, bootstrap=20)
+    rng = np.random.default_rng(2)
+    items, paths = [], {c: [] for c in ("t1", "t1c", "t2", "flair")}
+    for i, site in enumerate(ctx.manifest["site"]):
+        gain, zoom = {"A": (1.0, 1.0), "B": (3.0, 1.2), "C": (9.0, 0.9)}[site]
+        brain = np.zeros((8, 8, 8), bool)
+        brain[1:7, 1:7, 1:7] = True
+        for c in paths:
+            data = np.where(brain, gain * (100 + 10 * rng.normal(size=brain.shape)), 0).astype(np.float32)
+            path = tmp_path / f"{i}_{c}.nii.gz"
+            nib.save(nib.Nifti1Image(data, np.diag([zoom, zoom, zoom, 1.0])), str(path))
+            paths[c].append(str(path))
+        image = np.where(brain, rng.normal(size=(4, 8, 8, 8)), 0).astype(np.float32)
+        items.append({"image": torch.from_numpy(image), "seg": torch.zeros(1, 8, 8, 8, dtype=torch.uint8),
+                      "brain": torch.from_numpy(brain[None]), "index": i})
+    ctx.manifest = ctx.manifest.assign(**paths)
+    ctx._dataset = items
+    ctx.config = ctx.config.replace(analyses=dataclasses.replace(ctx.config.analyses, site_reference_rows=True))
+    table = run_site_invariance_stage(ctx, ["byol"], progress=False)
+    ref = table[table["backbone"] == "none"].set_index("stage")
+    assert sorted(ref.index) == ["positive_control", "preprocessing_baseline"]
+    assert ref.loc["positive_control", "site_probe_bacc"] > 0.9
+    assert ref.loc["preprocessing_baseline", "site_probe_bacc"] < 0.7
+    assert ref.loc["positive_control", "pca_silhouette_site"] > ref.loc["preprocessing_baseline", "pca_silhouette_site"]
+    from nrfm.plots.site_invariance import plot_site_invariance
+
+    plot_site_invariance(ctx, table)
+
+
+def test_intensity_features_inside_the_mask():
+    image = np.zeros((2, 4, 4, 4))
+    image[:, 1:3, 1:3, 1:3] = [[[[1.0]]], [[[5.0]]]]
+    feats = intensity_features(image)
+    assert feats.shape == (10,) and feats[0] == 1.0 and feats[1] == 0.0 and feats[5] == 5.0

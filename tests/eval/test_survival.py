@@ -10,8 +10,8 @@ import torch
 
 from nrfm.config import Config
 from nrfm.pipeline.context import RunContext
-from nrfm.eval.survival import (DROCoxHead, c_index, cox_partial_nll_per_sample, evaluate_risk, run_survival_stage,
-                           survival_cohort)
+from nrfm.eval.survival import (RISK_COLUMNS, DROCoxHead, c_index, cox_partial_nll_per_sample, evaluate_risk,
+                           run_survival_stage, site_cox_losses, survival_cohort, survival_risk_path)
 
 
 def harrell_straight_line(time, event, risk):
@@ -83,6 +83,24 @@ def test_partial_likelihood_per_site_matches_lifelines_stratified_cox():
     assert -float(per.sum()) == pytest.approx(cph.log_likelihood_, rel=1e-6)
 
 
+def test_erm_baseline_is_lifelines_cox_stratified_by_site():
+    from lifelines import CoxPHFitter
+
+    from nrfm.eval.survival import _fit_coxph
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(120, 2))
+    groups = np.repeat([0, 1, 2], 40)
+    time = rng.exponential(np.exp(-x @ [0.7, 0.0]) * np.array([50, 200, 800])[groups])  # site baselines differ
+    event = (rng.uniform(size=120) < 0.8).astype(int)
+    risk = _fit_coxph(x, time, event, groups, penalizer=0.1)
+    frame = pd.DataFrame(x, columns=["x0", "x1"]).assign(T=time, E=event, site=groups)
+    stratified = CoxPHFitter(penalizer=0.1).fit(frame, "T", "E", strata=["site"]).params_.to_numpy()
+    pooled = CoxPHFitter(penalizer=0.1).fit(frame.drop(columns="site"), "T", "E").params_.to_numpy()
+    assert risk(x) == pytest.approx(x @ stratified)
+    assert not np.allclose(stratified, pooled, atol=1e-3)
+
+
 def test_dro_cox_head_with_one_site_is_the_cox_mle():
     from lifelines import CoxPHFitter
 
@@ -106,6 +124,52 @@ def test_dro_cox_head_upweights_the_hard_site():
     head = DROCoxHead(penalizer=0.01, steps=300, lr=0.05, eta=0.05).fit(x, time, event, groups)
     assert head.group_weights_.sum() == pytest.approx(1.0) and head.group_weights_[1] > 0.5
     assert np.isfinite(head.loss_history_).all()
+
+
+def test_dro_weights_stay_near_uniform_for_sites_of_equal_difficulty_and_unequal_size():
+    # 30 versus 300 subjects, the same hazard model and event rate: only the size differs. With the raw per-site
+    # partial likelihood the big site took ~0.99 of the weight (its loss carries log|risk set| per event); the
+    # size-free loss keeps each weight within 0.2 of 1/2 at every seed and their mean within 0.1 (the remaining
+    # spread is the small site's sampling noise).
+    small = []
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        groups = np.repeat([0, 1], [30, 300])
+        x = rng.normal(size=(330, 3))
+        time = rng.exponential(np.exp(-x @ [1.0, -0.5, 0.0])) * 100
+        event = (rng.uniform(size=330) < 0.8).astype(int)
+        head = DROCoxHead(penalizer=0.1, steps=300, lr=0.05, eta=0.01).fit(x, time, event, groups)
+        assert abs(head.group_weights_[0] - 0.5) < 0.2, (seed, head.group_weights_)
+        small.append(head.group_weights_[0])
+    assert abs(np.mean(small) - 0.5) < 0.1
+
+
+def test_site_cox_loss_is_the_per_event_likelihood_ratio_to_the_null_model():
+    rng = np.random.default_rng(6)
+    time = rng.exponential(100, size=40)
+    event = rng.integers(0, 2, size=40)
+    groups = np.repeat([0, 1], [10, 30])
+    risk = rng.normal(size=40)
+    loss = site_cox_losses(torch.tensor(risk), torch.tensor(time), torch.tensor(event), torch.tensor(groups))
+    for g in (0, 1):
+        keep = groups == g
+        model = breslow_straight_line(risk[keep], time[keep], event[keep], groups[keep])
+        null = breslow_straight_line(np.zeros(keep.sum()), time[keep], event[keep], groups[keep])
+        assert float(loss[torch.tensor(keep)].mean()) == pytest.approx((model - null) / event[keep].sum())
+    # at the null model every site's loss is 0, whatever its size
+    zero = site_cox_losses(torch.zeros(40, dtype=torch.float64), torch.tensor(time), torch.tensor(event),
+                           torch.tensor(groups))
+    assert float(zero.abs().max()) == 0.0
+
+
+def test_cohort_is_one_survival_exam_per_patient():
+    # patient P1 has a baseline and a follow-up exam that both carry survival (as synthetic cohorts do): counted
+    # once, at the baseline; P2's first exam has no survival (importers blank it on follow-ups listed first) and
+    # its IDH is known only on its other exam
+    man = pd.DataFrame({"patient_id": ["P1", "P1", "P2", "P2", "P3"], "idh": [0, 0, np.nan, 0, 0],
+                        "grade": [4, 4, 4, np.nan, 4], "os_days": [300, 200, np.nan, 400, 100],
+                        "os_event": [1, 1, np.nan, 0, 1]})
+    assert survival_cohort(man).tolist() == [True, False, False, True, True]
 
 
 def test_cohort_is_idh_wildtype_grade4_with_survival():
@@ -165,9 +229,36 @@ def test_survival_stage_table_and_km_figure(tmp_path):
     # every NaN metric has a note
     nan_rows = table[table[["c_index", "logrank_p"]].isna().any(axis=1)]
     assert (nan_rows["note"].str.len() > 0).all()
-    assert set(table["model"]) == {"coxph", "dro_cox_head"}
+    assert set(table["model"]) == {"coxph_site_strata", "dro_cox_head"}
+    risk = pd.read_csv(survival_risk_path(ctx, "cox", "dro"))
+    assert list(risk.columns) == list(RISK_COLUMNS) and np.isfinite(risk["risk"]).all()
+    assert len(risk) == by.loc[("dro", "all"), "n"] and risk["patient_id"].is_unique
     fig = plot_kaplan_meier(ctx, "cox")
     assert (ctx.figures_dir / "survival_km_cox.png").is_file() and len(fig.axes) >= 8
+
+
+def test_follow_up_exams_do_not_count_twice(tmp_path):
+    ctx = make_ctx(tmp_path)
+    before = run_survival_stage(ctx, ["cox"], progress=False).set_index(["objective", "site"])
+    # every test patient of site A gets a follow-up exam that repeats its survival (a later scan, same patient)
+    man = ctx.manifest
+    follow = man[(man["site"] == "A") & (man["split"] == "test")].assign(
+        subject_id=lambda f: f["subject_id"] + "_fu")
+    ctx.manifest = pd.concat([man, follow], ignore_index=True)
+    for stage in ("erm", "dro"):
+        path = ctx.artifacts_dir / f"embeddings_cox_{stage}.npz"
+        with np.load(path) as data:
+            ids, emb = data["subject_id"], data["embedding"]
+        extra = emb[[list(ids).index(s[:-3]) for s in follow["subject_id"]]]
+        np.savez(path, subject_id=np.concatenate([ids, follow["subject_id"].to_numpy().astype(str)]),
+                 embedding=np.concatenate([emb, extra]))
+    after = run_survival_stage(ctx, ["cox"], progress=False).set_index(["objective", "site"])
+    for objective in ("erm", "dro"):
+        for site in ("A", "all"):
+            assert after.loc[(objective, site), "n"] == before.loc[(objective, site), "n"]
+            assert after.loc[(objective, site), "events"] == before.loc[(objective, site), "events"]
+    risk = pd.read_csv(survival_risk_path(ctx, "cox", "erm"))
+    assert not risk["subject_id"].str.endswith("_fu").any()
 
 
 def test_too_few_training_events_gives_note_rows(tmp_path):

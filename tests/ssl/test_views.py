@@ -6,8 +6,8 @@ import pytest
 import torch
 from scipy.stats import binomtest, ks_2samp
 
-from nrfm import views
-from nrfm.views import BatchAugment, SampleViews, ViewRecipe
+from nrfm.ssl import views
+from nrfm.ssl.views import BatchAugment, SampleViews, ViewRecipe
 
 SIDE, VIEW = 20, (16, 16, 16)
 PATHS = {"monai": {"full_monai": True}, "torch": {"torch_augment": True}}

@@ -7,12 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nrfm import baselines
-from nrfm.baselines import (PREDICTION_COLUMNS, baseline_folds, baseline_predictions, ceiling_fraction,
+from nrfm.eval import baselines
+from nrfm.eval.baselines import (PREDICTION_COLUMNS, baseline_folds, baseline_predictions, ceiling_fraction,
                             ceiling_fraction_of_predictions, fit_predict_baseline, oracle_bounds, run_baseline_stage)
 from nrfm.config import AnalysesConfig, BINARY_ENDPOINTS, CONTINUOUS_ENDPOINTS, Config, FinetuningConfig
-from nrfm.context import RunContext
-from nrfm.metrics import molecular_table
+from nrfm.pipeline.context import RunContext
+from nrfm.eval.metrics import molecular_table
 
 
 def planted(n: int, d: int = 10, signal: float = 2.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

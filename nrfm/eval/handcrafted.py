@@ -1,7 +1,7 @@
 """Handcrafted radiomics-style features of a preprocessed exam: the baseline a learned backbone must beat.
 
 Per tumour sub-region (BraTS labels: ``necrotic`` core 1, ``oedema`` 2, ``enhancing`` 4 (3 read as 4, as in
-:mod:`nrfm.transforms`), and the whole ``lesion``, seg > 0) and per contrast (t1, t1c, t2, flair), the
+:mod:`nrfm.data.preprocessing`), and the whole ``lesion``, seg > 0) and per contrast (t1, t1c, t2, flair), the
 first-order statistics of the preprocessed (z-scored in the brain) intensities: mean, SD, 10th/50th/90th
 percentiles, skewness and excess kurtosis. Shape and location: sub-region volumes in ml, their fractions of
 the lesion, the lesion's number of connected components, extent (volume over bounding-box volume),
@@ -13,7 +13,7 @@ Names: ``<contrast>_<region>_<statistic>`` (e.g. ``flair_oedema_p90``), ``volume
 ``lesion_surface_to_volume_per_mm``, ``lesion_sphericity``, ``centroid_{lr,ap,si}_mm``,
 ``centroid_abs_lr_mm`` (distance from the mid-sagittal plane x = 0 of MNI-like spaces),
 ``centroid_{lr,ap,si}_brain``. A statistic that does not exist for an exam (an empty sub-region, a
-constant one for skewness) is NaN; :func:`nrfm.baselines.fit_predict_baseline` imputes it with the
+constant one for skewness) is NaN; :func:`nrfm.eval.baselines.fit_predict_baseline` imputes it with the
 training median.
 
 pyradiomics (the field's reference implementation) has no wheel for this environment's Python, so the
@@ -22,7 +22,7 @@ they overlap (population SD, Fisher kurtosis).
 
 Usage::
 
-    from nrfm.handcrafted import handcrafted_features, feature_table_of_run
+    from nrfm.eval.handcrafted import handcrafted_features, feature_table_of_run
     feats = handcrafted_features(image, seg, spacing_mm=(3, 3, 3), brain=brain, affine=affine)
     table = feature_table_of_run(ctx)          # one row per manifest row, index subject_id
 """
@@ -175,7 +175,7 @@ def feature_table(dataset, spacing_mm: Sequence[float], subject_ids: Sequence[st
 
     Args:
         dataset: items ``{"image": (C, X, Y, Z), "seg": (1, X, Y, Z), "brain": (1, X, Y, Z) optional}``
-            (:class:`nrfm.transforms.VolumeDataset`); its ``affine(i)`` method, when present, adds world
+            (:class:`nrfm.data.preprocessing.VolumeDataset`); its ``affine(i)`` method, when present, adds world
             coordinates.
         spacing_mm: voxel size of the preprocessed volumes (``PreprocessingConfig.spacing_mm``).
         subject_ids: index labels (default: ``dataset.subject_ids``, else 0..n-1 as strings).

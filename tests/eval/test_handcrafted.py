@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from nrfm.handcrafted import CONTRASTS, FIRST_ORDER, REGIONS, feature_table, first_order, handcrafted_features, \
+from nrfm.eval.handcrafted import CONTRASTS, FIRST_ORDER, REGIONS, feature_table, first_order, handcrafted_features, \
     surface_area_mm2
 
 SHAPE = (24, 24, 24)

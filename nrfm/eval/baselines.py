@@ -6,7 +6,7 @@ Two baselines, both regularised linear models on fixed features, fitted per endp
   (``artifacts/embeddings_<method>_pretrained.npz``, written by the fine-tuning stage). If fine-tuning does
   not beat it, fine-tuning added nothing the pretrained features did not already hold.
 * **handcrafted** (``backbone = handcrafted``, ``objective = erm``): radiomics-style features of the
-  tumour sub-regions (:mod:`nrfm.handcrafted`). If a backbone does not beat it, it has not learned more from
+  tumour sub-regions (:mod:`nrfm.eval.handcrafted`). If a backbone does not beat it, it has not learned more from
   the images than volumes and intensity histograms say.
 
 Binary endpoints: logistic regression with ``class_weight="balanced"``; continuous ones (Ki-67, TP53-IHC):
@@ -18,11 +18,11 @@ rule of the fine-tuned models, so the comparison is like for like. Test labels a
 
 The predictions tables have the columns of the fine-tuning stage's ``predictions_*.csv`` (subject_id,
 patient_id, site, split, fold, endpoint, y_true, y_score, threshold, seed), so
-:func:`nrfm.metrics.molecular_table` turns them into ``molecular.csv`` rows like any other model's.
+:func:`nrfm.eval.metrics.molecular_table` turns them into ``molecular.csv`` rows like any other model's.
 
 Usage (after fine-tuning has written the pretrained embeddings)::
 
-    from nrfm.baselines import run_baseline_stage
+    from nrfm.eval.baselines import run_baseline_stage
     run_baseline_stage(ctx, "handcrafted", "pooled")   # predictions_handcrafted_erm_pooled.csv
     run_baseline_stage(ctx, "dino", "loso")            # predictions_dino_probe_loso.csv
 """
@@ -178,7 +178,7 @@ def fit_predict_baseline(features_train: np.ndarray, y_train: np.ndarray, featur
 def baseline_folds(manifest: pd.DataFrame, protocol: str) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     """(fold name, train rows, val rows, test rows) of ``protocol``, as positions in ``manifest``.
 
-    ``pooled``: the manifest's train/val/test splits. ``loso``: :func:`nrfm.manifest.loso_folds` (each site held
+    ``pooled``: the manifest's train/val/test splits. ``loso``: :func:`nrfm.data.manifest.loso_folds` (each site held
     out in turn; raises LeakageError for a patient at two sites). Pass the fine-tuning stage's own folds to
     :func:`baseline_predictions` instead when they differ, so baselines and models see the same subjects.
     """
@@ -188,7 +188,7 @@ def baseline_folds(manifest: pd.DataFrame, protocol: str) -> list[tuple[str, np.
     if protocol == "pooled":
         split = manifest["split"].astype(str).to_numpy()
         return [("pooled", *(np.flatnonzero(split == s) for s in ("train", "val", "test")))]
-    from nrfm.manifest import loso_folds
+    from nrfm.data.manifest import loso_folds
 
     out = []
     for site, frame in loso_folds(manifest):
@@ -231,7 +231,7 @@ def baseline_predictions(manifest: pd.DataFrame, features: pd.DataFrame | np.nda
         fold with its role in ``split``; choices: one dict per (fold, endpoint) with the chosen penalty and its
         validation score.
     """
-    from nrfm.metrics import binarize, youden_threshold
+    from nrfm.eval.metrics import binarize, youden_threshold
 
     manifest = manifest.reset_index(drop=True)
     x = _feature_matrix(manifest, features)
@@ -289,7 +289,7 @@ def baseline_name(baseline: str) -> tuple[str, str]:
 def handcrafted_features_of_run(ctx, progress: bool = True) -> pd.DataFrame:
     """The handcrafted feature table of a run, computed once and kept in ``artifacts/handcrafted_features.csv``."""
     from nrfm.files import atomic_write_csv
-    from nrfm.handcrafted import feature_table_of_run
+    from nrfm.eval.handcrafted import feature_table_of_run
 
     path = ctx.artifacts_dir / "handcrafted_features.csv"
     ids = ctx.manifest["subject_id"].astype(str).tolist()
@@ -321,11 +321,11 @@ def run_baseline_stage(ctx, baseline: str, protocol: str = "pooled", progress: b
         ``artifacts/predictions_<backbone>_<objective>_<protocol>.csv`` (the fine-tuning predictions format),
         ``artifacts/baseline_<backbone>_<objective>_<protocol>.json`` (chosen penalty per fold and endpoint),
         ``artifacts/handcrafted_features.csv`` (handcrafted only), and merges the rows of
-        :func:`nrfm.metrics.molecular_table` into ``metrics/molecular.csv``.
+        :func:`nrfm.eval.metrics.molecular_table` into ``metrics/molecular.csv``.
     """
     from nrfm.files import atomic_write_csv, atomic_write_json
-    from nrfm.finetune_data import cuts_of
-    from nrfm.metrics import molecular_table
+    from nrfm.train.finetune_data import cuts_of
+    from nrfm.eval.metrics import molecular_table
 
     start = time.perf_counter()
     backbone, objective = baseline_name(baseline)
@@ -336,7 +336,7 @@ def run_baseline_stage(ctx, baseline: str, protocol: str = "pooled", progress: b
         if baseline == HANDCRAFTED:
             features = handcrafted_features_of_run(ctx, progress)
         else:
-            from nrfm.embeddings import load_embeddings
+            from nrfm.eval.site_invariance import load_embeddings
 
             features = load_embeddings(ctx, baseline, "pretrained")
     endpoints, cuts = tuple(cfg.endpoints), cuts_of(cfg)
