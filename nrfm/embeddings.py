@@ -12,7 +12,7 @@ DRO), both on the TEST subjects:
   from the embedding (stratified K-fold, scaler fitted inside each fold); balanced accuracy, chance =
   1 / number of sites. Near chance = the embedding carries little site information a linear model can read.
 
-Bootstrap CIs resample test subjects within site (so every resample keeps every site): for the silhouette the
+Bootstrap CIs (:mod:`nrfm.bootstrap`) resample test patients within site (so every resample keeps every site): for the silhouette the
 per-subject silhouette widths are resampled (the projection is fixed), for the probe the out-of-fold
 predictions are resampled (the probe is not refitted). Both CIs therefore describe the evaluation sample's
 variability, not that of the PCA or probe fit.
@@ -93,33 +93,30 @@ def split_indices(manifest: pd.DataFrame, fit_split: str = "train", eval_split: 
 
 # ---- statistics -----------------------------------------------------------------------------------------------
 def stratified_bootstrap_ci(statistic: Callable[[np.ndarray], float], n: int, n_boot: int, seed: int = 0,
-                            strata: np.ndarray | None = None, alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile bootstrap CI of ``statistic(indices)``, resampling within strata.
+                            strata: np.ndarray | None = None, alpha: float = 0.05,
+                            clusters: np.ndarray | None = None) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``statistic(indices)``, resampling within strata (:func:`nrfm.bootstrap.draw`).
 
-    :func:`nrfm.metrics.bootstrap_ci` resamples all subjects together; site statistics need every site in every
-    resample (a resample without a site changes what the statistic means), hence the strata here. The interval
-    itself is :func:`nrfm.metrics.percentile_ci` (same minimum of valid resamples as the other tables).
+    Site statistics need every site in every resample (a resample without a site changes what the statistic
+    means), hence site strata; ``clusters`` (patient_id) keeps a patient's exams together. For statistics
+    nrfm.bootstrap computes for all resamples at once, :func:`site_invariance_row` calls it directly.
 
     Args:
-        statistic: maps an index array (n,) drawn with replacement to a number; NaN = undefined resample.
+        statistic: maps an index array drawn with replacement to a number; NaN = undefined resample.
         n: number of subjects.
         n_boot: resamples.
-        strata: optional labels (n,): each stratum is resampled to its own size.
+        strata: optional labels (n,): each stratum keeps its number of clusters.
         alpha: 1 - coverage.
+        clusters: optional patient labels (n,).
 
     Returns:
-        (low, high); NaN, NaN when too few resamples give a finite value.
+        (low, high); NaN, NaN when a resample is undefined.
     """
-    from nrfm.metrics import percentile_ci
+    from nrfm import bootstrap
 
-    rng = np.random.default_rng(seed)
-    groups = [np.arange(n)] if strata is None else [np.where(strata == s)[0] for s in np.unique(strata)]
-    values = np.full(n_boot, np.nan)
-    for b in range(n_boot):
-        idx = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
-        values[b] = statistic(idx)
-    low, high, _ = percentile_ci(values, alpha)
-    return low, high
+    counts = bootstrap.draw(n, n_boot, seed, clusters=clusters, strata=strata)
+    values = np.array([statistic(bootstrap.indices(row)) for row in counts], dtype=float)
+    return bootstrap.percentile_ci(values, alpha)
 
 
 def pca_silhouette(train_embedding: np.ndarray, eval_embedding: np.ndarray, eval_sites: Sequence[str],
@@ -188,9 +185,15 @@ def site_probe_balanced_accuracy(embedding: np.ndarray, sites: Sequence[str], n_
 
 
 def site_invariance_row(train_embedding: np.ndarray, test_embedding: np.ndarray, test_sites: Sequence[str],
-                        n_components: int, n_folds: int, n_boot: int, seed: int = 0) -> dict:
-    """Both site-invariance numbers with bootstrap CIs for one embedding (see the module docstring)."""
+                        n_components: int, n_folds: int, n_boot: int, seed: int = 0,
+                        test_patients: Sequence[str] | None = None) -> dict:
+    """Both site-invariance numbers with bootstrap CIs for one embedding (see the module docstring).
+
+    The CIs come from :mod:`nrfm.bootstrap`: test patients drawn whole (``test_patients``) within site strata.
+    """
     from sklearn.metrics import balanced_accuracy_score
+
+    from nrfm import bootstrap
 
     sites = np.asarray(test_sites).astype(str)
     n_sites = len(np.unique(sites))
@@ -201,22 +204,24 @@ def site_invariance_row(train_embedding: np.ndarray, test_embedding: np.ndarray,
     try:
         score, widths, k = pca_silhouette(train_embedding, test_embedding, sites, n_components)
         row.update(pca_silhouette_site=score, pca_components=k)
-        low, high = stratified_bootstrap_ci(lambda i: float(widths[i].mean()), len(sites), n_boot, seed, strata=sites)
+        counts = bootstrap.draw(len(sites), n_boot, seed, clusters=test_patients, strata=sites)
+        _, low, high = bootstrap.interval(lambda c: bootstrap.mean(widths, c), counts, len(sites))
         row.update(pca_silhouette_ci_low=low, pca_silhouette_ci_high=high)
     except ValueError as err:
         notes.append(f"no PCA-silhouette: {err}")
     try:
         pred = site_probe_predictions(test_embedding, sites, n_folds, seed)
         row["site_probe_bacc"] = float(balanced_accuracy_score(sites, pred))
-        low, high = stratified_bootstrap_ci(lambda i: float(balanced_accuracy_score(sites[i], pred[i])),
-                                         len(sites), n_boot, seed, strata=sites)
+        counts = bootstrap.draw(len(sites), n_boot, seed, clusters=test_patients, strata=sites)
+        _, low, high = bootstrap.interval(lambda c: bootstrap.multiclass_balanced_accuracy(sites, pred, c), counts,
+                                          len(sites))
         row.update(site_probe_bacc_ci_low=low, site_probe_bacc_ci_high=high)
     except ValueError as err:
         notes.append(f"no site probe: {err}")
     for metric, low in (("pca_silhouette_site", "pca_silhouette_ci_low"),
                         ("site_probe_bacc", "site_probe_bacc_ci_low")):
         if np.isfinite(row[metric]) and not np.isfinite(row[low]):
-            notes.append(f"no CI for {metric}: fewer than half of the bootstrap resamples were defined")
+            notes.append(f"no CI for {metric}: some bootstrap resample was undefined")
     row["note"] = "; ".join(notes)
     return row
 
@@ -244,12 +249,14 @@ def site_invariance_table(ctx, methods: Sequence[str], stages: Sequence[str] | N
     stages = tuple(stages or available_stages(ctx))
     train_idx, test_idx = split_indices(ctx.manifest)
     sites = ctx.manifest["site"].astype(str).to_numpy()
+    patients = ctx.manifest["patient_id"].astype(str).to_numpy()
     rows = []
     for method in tqdm(list(methods), desc="site invariance", disable=not progress):
         for stage in stages:
             emb = load_embeddings(ctx, method, stage)
             row = site_invariance_row(emb[train_idx], emb[test_idx], sites[test_idx], cfg.embedding_pca_components,
-                                      cfg.site_probe_folds, cfg.bootstrap, seed=ctx.config.seed)
+                                      cfg.site_probe_folds, cfg.bootstrap, seed=ctx.config.seed,
+                                      test_patients=patients[test_idx])
             rows.append({"backbone": method, "stage": stage, **row})
     return pd.DataFrame(rows, columns=list(SITE_INVARIANCE_COLUMNS + EXTRA_COLUMNS))
 

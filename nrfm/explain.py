@@ -282,16 +282,16 @@ def gradcam_subject_scores(ctx, model: nn.Module, endpoint: str, rows: Sequence[
 
 
 def enrichment_ci(cam_share: np.ndarray, volume_share: np.ndarray, n_boot: int, seed: int = 0,
-                  alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile bootstrap CI (resampling subjects) of ``mean(cam_share) / mean(volume_share)``."""
-    from nrfm.metrics import bootstrap_indices, percentile_ci
+                  alpha: float = 0.05, clusters: Sequence[str] | None = None) -> tuple[float, float]:
+    """Percentile bootstrap CI (:mod:`nrfm.bootstrap`, patients drawn whole) of
+    ``mean(cam_share) / mean(volume_share)``."""
+    from nrfm import bootstrap
 
     cam_share, volume_share = np.asarray(cam_share, float), np.asarray(volume_share, float)
     if len(cam_share) < 2 or n_boot < 1:
         return np.nan, np.nan
-    pick = bootstrap_indices(len(cam_share), n_boot, seed)
-    low, high, _ = percentile_ci(cam_share[pick].mean(axis=1) / volume_share[pick].mean(axis=1), alpha)
-    return low, high
+    counts = bootstrap.draw(len(cam_share), n_boot, seed, clusters=clusters)
+    return bootstrap.percentile_ci(bootstrap.ratio_of_means(cam_share, volume_share, counts), alpha)
 
 
 def summarise_scores(scores: pd.DataFrame, sites: Sequence[str], n_boot: int = 0, seed: int = 0) -> list[dict]:
@@ -308,13 +308,14 @@ def summarise_scores(scores: pd.DataFrame, sites: Sequence[str], n_boot: int = 0
         row = {"site": site, "n": len(scored), "n_skipped": len(part) - len(scored)}
         row.update({m: float(scored[m].mean()) if len(scored) else np.nan for m in SCORE_COLUMNS})
         row["tumor_enrichment"] = row["cam_in_tumor"] / row["tumor_volume_fraction"] if len(scored) else np.nan
+        patients = scored["patient_id"].astype(str).to_numpy() if "patient_id" in scored else None
         row["tumor_enrichment_ci_low"], row["tumor_enrichment_ci_high"] = enrichment_ci(
-            scored["cam_in_tumor"], scored["tumor_volume_fraction"], n_boot, seed)
+            scored["cam_in_tumor"], scored["tumor_volume_fraction"], n_boot, seed, clusters=patients)
         lesion_cam = scored["cam_in_tumor"] + scored["cam_in_peritumoral"]
         lesion_volume = scored["tumor_volume_fraction"] + scored["peritumoral_volume_fraction"]
         row["lesion_enrichment"] = float(lesion_cam.mean() / lesion_volume.mean()) if len(scored) else np.nan
         row["lesion_enrichment_ci_low"], row["lesion_enrichment_ci_high"] = enrichment_ci(
-            lesion_cam, lesion_volume, n_boot, seed)
+            lesion_cam, lesion_volume, n_boot, seed, clusters=patients)
         if "explained_class" in scored:
             counts = scored["explained_class"].value_counts()
             row["explained_class"] = ", ".join(f"{name} {counts[name]}" for name in sorted(counts.index))
