@@ -97,6 +97,8 @@ CONTROL = {("site-shift", True): "true positive", ("site-shift", False): "false 
 TONE = {"planted gain detected": "good", "no gain where none was planted": "good", "reproduced": "good",
         "planted gain not detected": "bad", "gain reported where none was planted": "bad",
         "not reproduced": "bad", "lesion focus shown": "good", "lesion focus not shown": "bad"}
+VERDICTS = frozenset(WORDING.values()) | {"not reproduced", "not evaluable", "no paired data", "lesion focus shown",
+                                          "lesion focus not shown"}
 VERDICT_COLUMNS = ["claim", "claim_key", "backbone", "comparison", "objective", "site", "metric", "scenario",
                    "paper_erm", "paper_dro", "paper_delta", "baseline", "value", "delta", "ci_low", "ci_high",
                    "p_value", "adjusted_p", "gain_declared", "verdict", "control", "oracle", "n_test", "n_boot",

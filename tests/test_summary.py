@@ -224,3 +224,26 @@ def test_write_verdicts_replaces_the_file(tmp_path):
     written = pd.read_csv(path)
     assert "run" not in written and {"scenario", "comparison", "objective", "adjusted_p"} <= set(written)
     assert len(written) == len(table)
+
+
+def test_report_grid_shows_every_verdict_row(tmp_path):
+    from nrfm.report import _verdict_html
+
+    run, _ = _run(tmp_path)
+    (run / "metrics").mkdir()
+    rows = [{"claim": "DRO raises mean AUC at the smallest site", "backbone": "byol", "comparison": c,
+             "objective": "dro", "site": "Small", "metric": "auc", "scenario": "site-shift", "delta": d,
+             "ci_low": d - 0.1, "ci_high": d + 0.1, "adjusted_p": p, "verdict": v, "note": ""}
+            for c, d, p, v in (("dro-erm", 0.2, 0.001, "planted gain detected"),
+                               ("dro-reweighted", 0.01, 0.4, "planted gain not detected"),
+                               (summary.ATTRIBUTION, 0.2, 0.4, "planted gain not detected"))]
+    rows += [{"claim": "Grad-CAM concentrates on tumour and peritumoral tissue", "backbone": "byol",
+              "comparison": o, "objective": o, "site": "all", "metric": "cam lesion enrichment", "value": 2.0,
+              "ci_low": 1.5, "ci_high": 2.5, "verdict": "lesion focus shown", "scenario": "site-shift"}
+             for o in ("erm", "dro")]
+    pd.DataFrame(rows).to_csv(run / "metrics" / "verdicts.csv", index=False)
+    grid = _verdict_html(run).split("<details>")[0]
+    for comparison in ("dro-erm", "dro-reweighted", summary.ATTRIBUTION, "· erm", "· dro"):
+        assert comparison in grid, comparison
+    assert grid.count("planted gain not detected") == 2 and grid.count("lesion focus shown") == 2
+    assert "verdict-good" in grid and "verdict-bad" in grid and "site-shift" in grid
