@@ -27,6 +27,7 @@ variation cancels in ``B - A``. The interval is the percentile interval; the one
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -99,6 +100,21 @@ def _missing_a_class(counts: np.ndarray, labels: Sequence[np.ndarray]) -> np.nda
     for y in labels:
         bad |= (counts @ (y == 1).astype(np.int64) == 0) | (counts @ (y == 0).astype(np.int64) == 0)
     return bad
+
+
+def log10_distinct_resamples(n: int, clusters: Sequence | None = None, strata: Sequence | None = None) -> float:
+    """log10 of the number of distinct resamples :func:`draw` can produce: the product over strata of
+    C(2k - 1, k) (multisets of k clusters out of k). Few distinct resamples = a coarse, degenerate bootstrap
+    distribution (1 cluster per stratum: a single possible resample, a zero-width CI whatever the data)."""
+    if n == 0:
+        return 0.0
+    cluster_of_row = _codes(clusters, n) if clusters is not None else np.arange(n, dtype=np.int64)
+    first_row = np.full(int(cluster_of_row.max()) + 1, n, dtype=np.int64)
+    np.minimum.at(first_row, cluster_of_row, np.arange(n))
+    _, per_stratum = np.unique(_codes(strata, n)[first_row], return_counts=True)
+    lgamma = np.vectorize(math.lgamma)
+    k = per_stratum.astype(float)
+    return float(np.sum(lgamma(2 * k) - lgamma(k + 1) - lgamma(k)) / math.log(10))
 
 
 def counts_from_indices(idx: np.ndarray, n: int) -> np.ndarray:

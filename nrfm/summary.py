@@ -17,8 +17,13 @@ notebooks print (:func:`rule_table`, :func:`wording_table`):
    ``verdicts.csv``; a gain is declared where ``adjusted_p < ALPHA`` (one-sided 0.025, so before adjustment the
    rule equals "the 95% CI lies above zero"). The verdicts use at least :func:`nrfm.bootstrap.resamples_for_holm`
    resamples so that the smallest possible p can pass Holm's first step.
-3. **No fixed minimum sample.** Small samples give wide CIs and large p-values; the CI and Holm decide. An
-   undefined resample makes the CI and p NaN ("not evaluable"), it is never dropped.
+3. **No fixed minimum sample; a minimum derived from the data.** Small samples give wide CIs and large
+   p-values; the CI and Holm decide. Below that, a bootstrap over very few patients is degenerate (one patient
+   per class: a single possible resample, a zero-width CI whatever the data): a comparison is "not evaluable"
+   when its resampling scheme has fewer distinct resamples (:func:`nrfm.bootstrap.log10_distinct_resamples`,
+   product over strata of C(2k-1, k) for k patients) than family size / ``ALPHA``, the resolution Holm needs
+   (about five patients per class and stratum for a family of ~70). An undefined resample (no comparable
+   pair, one class) makes the CI and p NaN ("not evaluable"); it is never dropped.
 4. **Attribution.** A gain is attributed to DRO (row ``comparison = dro vs erm+reweighted``) only when DRO beats
    ERM AND beats reweighted, both Holm-adjusted (intersection-union test: its p is the larger adjusted p). A
    run without a reweighted model (older configs) says so and attributes on DRO - ERM alone.
@@ -227,6 +232,7 @@ def paired_endpoint_mean(a: pd.DataFrame, b: pd.DataFrame, metric: str, endpoint
     if not scored:
         return out
     strata = labels[0] if len(labels) == 1 else None
+    out["log10_distinct"] = bootstrap.log10_distinct_resamples(len(subjects), clusters, strata)
     counts = bootstrap.draw(len(subjects), n_boot, seed, clusters=clusters, strata=strata,
                             both_classes=labels if len(labels) > 1 else ())
 
@@ -257,10 +263,19 @@ def oracle_mean_auc(oracle: pd.DataFrame | None, test: pd.DataFrame, endpoints: 
 
 
 def _comparison_row(claim: ClaimSpec, backbone: str, tested: str, baseline: str, site: str, result: dict,
-                    n_boot: int, paper: tuple[float, float] | None = None, note: str = "") -> dict:
+                    n_boot: int, paper: tuple[float, float] | None = None, note: str = "",
+                    min_distinct: float = 1.0) -> dict:
     paper_erm, paper_dro = paper if paper else (claim.paper_erm, claim.paper_dro)
+    p_value = float("nan")
+    if len(result.get("deltas", [])):
+        p_value = bootstrap.p_greater_than_zero(claim.direction * np.asarray(result["deltas"], dtype=float))
+    if result.get("log10_distinct", np.inf) < np.log10(min_distinct):
+        # the data-derived minimum sample (module rule 3): too few patients per stratum for any decision
+        p_value = float("nan")
+        note = "; ".join(n for n in (note, f"only {10 ** result['log10_distinct']:.0f} distinct resamples "
+                                     f"(< family size / alpha = {min_distinct:.0f}): too few patients per stratum "
+                                     "for a decision") if n)
     gain_known = baseline == "erm" and paper_erm is not None and np.isfinite(paper_erm)
-    deltas = claim.direction * np.asarray(result.get("deltas", []), dtype=float)
     return {"claim": claim.text, "claim_key": claim.key, "backbone": backbone, "comparison": f"{tested}-{baseline}",
             "objective": tested, "site": site, "metric": claim.metric,
             "paper_erm": paper_erm if baseline == "erm" else np.nan,
@@ -268,12 +283,12 @@ def _comparison_row(claim: ClaimSpec, backbone: str, tested: str, baseline: str,
             "paper_delta": claim.direction * (paper_dro - paper_erm) if gain_known else np.nan,
             "baseline": result.get("a", np.nan), "value": result.get("b", np.nan), "delta": result.get("delta", np.nan),
             "ci_low": result.get("ci_low", np.nan), "ci_high": result.get("ci_high", np.nan),
-            "p_value": bootstrap.p_greater_than_zero(deltas) if len(deltas) else np.nan,
+            "p_value": p_value,
             "n_test": result.get("n", np.nan), "n_boot": n_boot, "note": note}
 
 
 def molecular_rows(run_dir: Path, methods: list[str], thresholds: dict[str, float], n_boot: int,
-                   oracle: pd.DataFrame | None = None, seed: int = 0) -> list[dict]:
+                   oracle: pd.DataFrame | None = None, seed: int = 0, min_distinct: float = 1.0) -> list[dict]:
     """Molecular claims x backbones x comparisons (pooled protocol, test split, smallest training site)."""
     rows = []
     for method in methods:
@@ -298,7 +313,8 @@ def molecular_rows(run_dir: Path, methods: list[str], thresholds: dict[str, floa
                     where, note = "all", f"single class at {site}; evaluated on all sites"
                     result = paired_endpoint_mean(a, b, claim.metric, claim.endpoints, n_boot, seed)
                 row = _comparison_row(claim, method, tested, baseline, where, result, n_boot,
-                                      note="; ".join(n for n in (note, result["note"]) if n))
+                                      note="; ".join(n for n in (note, result["note"]) if n),
+                                      min_distinct=min_distinct)
                 scope = a if where == "all" else a[a["site"] == where]
                 row["oracle"] = oracle_mean_auc(oracle, scope, claim.endpoints) if claim.metric == "auc" else np.nan
                 rows.append(row)
@@ -314,14 +330,17 @@ def read_survival_risk(run_dir: Path, method: str, objective: str) -> pd.DataFra
     if not path.is_file():
         return None
     frame = pd.read_csv(path, dtype={"subject_id": str, "patient_id": str, "site": str})
-    if "split" not in frame:
-        manifest = read_manifest(run_dir)
-        if manifest is not None and "split" in manifest:
-            frame = frame.merge(manifest[["subject_id", "split"]], on="subject_id", how="left")
+    manifest = read_manifest(run_dir)
+    for column in ("split", "patient_id"):  # older files lack patient_id: the run's manifest has it
+        if column not in frame and manifest is not None and column in manifest:
+            frame = frame.merge(manifest[["subject_id", column]], on="subject_id", how="left")
+    if "patient_id" not in frame:
+        frame["patient_id"] = frame["subject_id"]
     return frame[frame["split"] == "test"] if "split" in frame else frame
 
 
-def survival_rows(run_dir: Path, methods: list[str], n_boot: int, seed: int = 0) -> list[dict]:
+def survival_rows(run_dir: Path, methods: list[str], n_boot: int, seed: int = 0,
+                  min_distinct: float = 1.0) -> list[dict]:
     """Paired c-index differences per backbone, comparison and site (patients whole, event strata)."""
     claim = next(c for c in CLAIMS if c.kind == "survival")
     table = _metrics(run_dir, "survival")
@@ -343,15 +362,17 @@ def survival_rows(run_dir: Path, methods: list[str], n_boot: int, seed: int = 0)
             both = a.merge(b[["subject_id", "risk"]], on="subject_id", suffixes=("_a", "_b"))
             for site, part in both.groupby("site"):
                 time, event = part["os_days"].to_numpy(float), part["os_event"].to_numpy(float)
-                counts = bootstrap.draw(len(part), n_boot, seed, clusters=part["patient_id"].astype(str).to_numpy(),
-                                        strata=event)
+                patients = part["patient_id"].astype(str).to_numpy()
+                counts = bootstrap.draw(len(part), n_boot, seed, clusters=patients, strata=event)
+                distinct = bootstrap.log10_distinct_resamples(len(part), patients, event)
                 result = bootstrap.paired_difference(
                     lambda c: bootstrap.concordance(time, event, part["risk_a"].to_numpy(float), c),
                     lambda c: bootstrap.concordance(time, event, part["risk_b"].to_numpy(float), c),
                     counts, len(part))
                 rows.append(_comparison_row(claim, method, tested, baseline, str(site),
-                                            {**result.as_dict(), "deltas": result.deltas, "n": len(part)}, n_boot,
-                                            PAPER_CINDEX.get(str(site)), note=f"{int(event.sum())} events"))
+                                            {**result.as_dict(), "deltas": result.deltas, "n": len(part),
+                                             "log10_distinct": distinct}, n_boot, PAPER_CINDEX.get(str(site)),
+                                            note=f"{int(event.sum())} events", min_distinct=min_distinct))
     return rows
 
 
@@ -368,7 +389,7 @@ def _embeddings(run_dir: Path, method: str, objective: str, subjects: list[str])
 
 
 def site_mixing_rows(run_dir: Path, methods: list[str], n_boot: int, pca_components: int = 10,
-                     seed: int = 0) -> list[dict]:
+                     seed: int = 0, min_distinct: float = 1.0) -> list[dict]:
     """Paired difference of the mean silhouette width by site (test subjects, PCA fitted on training subjects);
     resamples: test patients whole, within site."""
     from nrfm.embeddings import pca_silhouette
@@ -391,15 +412,18 @@ def site_mixing_rows(run_dir: Path, methods: list[str], n_boot: int, pca_compone
                     widths[objective] = pca_silhouette(fit, score, sites, pca_components)[1]
                 except ValueError:
                     pass
-        counts = bootstrap.draw(len(sites), n_boot, seed, clusters=test["patient_id"].astype(str).to_numpy(),
-                                strata=sites)
+        patients = test["patient_id"].astype(str).to_numpy()
+        counts = bootstrap.draw(len(sites), n_boot, seed, clusters=patients, strata=sites)
+        distinct = bootstrap.log10_distinct_resamples(len(sites), patients, sites)
         for tested, baseline in COMPARISONS:
             if tested in widths and baseline in widths:
                 result = bootstrap.paired_difference(lambda c: bootstrap.mean(widths[baseline], c),
                                                      lambda c: bootstrap.mean(widths[tested], c), counts, len(sites))
                 rows.append(_comparison_row(claim, method, tested, baseline, "all",
-                                            {**result.as_dict(), "deltas": result.deltas, "n": len(sites)}, n_boot,
-                                            note="delta = silhouette difference (negative = sites mix more)"))
+                                            {**result.as_dict(), "deltas": result.deltas, "n": len(sites),
+                                             "log10_distinct": distinct}, n_boot,
+                                            note="delta = silhouette difference (negative = sites mix more)",
+                                            min_distinct=min_distinct))
     return rows
 
 
@@ -498,8 +522,10 @@ def all_verdicts(run_dir: Path, methods: list[str], thresholds: dict[str, float]
     n_sites = manifest["site"].nunique() if manifest is not None else 3
     family = len(methods) * len(COMPARISONS) * (sum(c.kind == "molecular" for c in CLAIMS) + n_sites + 1)
     n_boot = max(int(n_boot), bootstrap.resamples_for_holm(family, alpha))
-    rows = (molecular_rows(run_dir, methods, thresholds, n_boot, oracle, seed) + survival_rows(run_dir, methods,
-            n_boot, seed) + site_mixing_rows(run_dir, methods, n_boot, pca_components, seed))
+    least = family / alpha  # rule 3: a bootstrap with fewer distinct resamples cannot reach Holm's first step
+    rows = (molecular_rows(run_dir, methods, thresholds, n_boot, oracle, seed, least)
+            + survival_rows(run_dir, methods, n_boot, seed, least)
+            + site_mixing_rows(run_dir, methods, n_boot, pca_components, seed, least))
     table = decide(pd.DataFrame(rows, columns=VERDICT_COLUMNS), scenario, alpha)
     cam = gradcam_rows(_metrics(run_dir, "gradcam"), scenario)
     if cam:

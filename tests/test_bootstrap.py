@@ -143,3 +143,14 @@ def test_holm_leaves_nan_out_of_the_family():
     adjusted = bootstrap.holm([0.01, np.nan, 0.02])
     assert np.isnan(adjusted[1]) and adjusted[[0, 2]] == pytest.approx([0.02, 0.02])
     assert 1 / (bootstrap.resamples_for_holm(40, 0.025) + 1) <= 0.025 / 40
+
+
+def test_distinct_resamples_count_multisets_per_stratum():
+    from math import comb
+
+    assert 10 ** bootstrap.log10_distinct_resamples(2, strata=[0, 1]) == pytest.approx(1)  # one patient per class
+    assert 10 ** bootstrap.log10_distinct_resamples(10, strata=[0] * 5 + [1] * 5) == pytest.approx(comb(9, 5) ** 2)
+    assert 10 ** bootstrap.log10_distinct_resamples(6, clusters=[0, 0, 1, 1, 2, 2]) == pytest.approx(comb(5, 3))
+    # brute force: every distinct count vector seen over many draws of 3 clusters
+    seen = {tuple(r) for r in bootstrap.draw(3, 3000, seed=0)}
+    assert len(seen) == comb(5, 3)

@@ -247,3 +247,15 @@ def test_report_grid_shows_every_verdict_row(tmp_path):
         assert comparison in grid, comparison
     assert grid.count("planted gain not detected") == 2 and grid.count("lesion focus shown") == 2
     assert "verdict-good" in grid and "verdict-bad" in grid and "site-shift" in grid
+
+
+def test_a_degenerate_bootstrap_is_not_evaluable():
+    manifest = _manifest()
+    test = manifest[manifest["split"] == "test"].head(4)  # two patients, two exams each
+    erm = _predictions(test, 0.0, endpoints=("idh",)).assign(y_true=[0.0, 0.0, 1.0, 1.0])
+    dro = erm.assign(y_score=[0.0, 0.0, 1.0, 1.0])
+    result = summary.paired_endpoint_mean(erm, dro, "auc", ("idh",), n_boot=200)
+    assert result["ci_low"] == result["ci_high"]  # a single possible resample: zero width whatever the data
+    claim = summary.CLAIMS[2]
+    row = summary._comparison_row(claim, "byol", "dro", "erm", "Small", result, 200, min_distinct=2880)
+    assert np.isnan(row["p_value"]) and "distinct resamples" in row["note"]
