@@ -520,7 +520,9 @@ def all_verdicts(run_dir: Path, methods: list[str], thresholds: dict[str, float]
     scenario = scenario or cohort_scenario(run_dir)
     manifest = read_manifest(run_dir)
     n_sites = manifest["site"].nunique() if manifest is not None else 3
-    family = len(methods) * len(COMPARISONS) * (sum(c.kind == "molecular" for c in CLAIMS) + n_sites + 1)
+    present = [pair for pair in COMPARISONS if any(all((Path(run_dir) / "artifacts" / f"predictions_{m}_{o}_pooled.csv")
+                                                      .is_file() for o in pair) for m in methods)]
+    family = len(methods) * max(len(present), 1) * (sum(c.kind == "molecular" for c in CLAIMS) + n_sites + 1)
     n_boot = max(int(n_boot), bootstrap.resamples_for_holm(family, alpha))
     least = family / alpha  # rule 3: a bootstrap with fewer distinct resamples cannot reach Holm's first step
     rows = (molecular_rows(run_dir, methods, thresholds, n_boot, oracle, seed, least)
