@@ -12,8 +12,8 @@ notebooks print (:func:`rule_table`, :func:`wording_table`):
    claims the per-subject risks of ``artifacts/survival_risk_{backbone}_{objective}.csv`` per site (c-index;
    without that file: "no paired data"); the site-mixing claim the per-subject silhouette widths of the
    ``embeddings_{backbone}_{objective}.npz`` test subjects (PCA fitted on training subjects).
-2. **Multiplicity.** Holm's step-down procedure (Holm 1979) over the family of every pairwise comparison
-   of the run (claims x backbones x comparisons x survival sites) with a finite p; ``adjusted_p`` in
+2. **Multiplicity.** Holm's step-down procedure (Holm 1979) over the family of every test of the run
+   (claims x backbones x comparisons x survival sites, and the Grad-CAM tests) with a finite p; ``adjusted_p`` in
    ``verdicts.csv``; a gain is declared where ``adjusted_p < ALPHA`` (one-sided 0.025, so before adjustment the
    rule equals "the 95% CI lies above zero"). The verdicts use at least :func:`nrfm.bootstrap.resamples_for_holm`
    resamples so that the smallest possible p can pass Holm's first step.
@@ -31,8 +31,10 @@ notebooks print (:func:`rule_table`, :func:`wording_table`):
    ("planted gain detected" / "planted gain not detected"); on ``no-shift`` a negative control ("no gain where
    none was planted" / "gain reported where none was planted", a false positive); on an imported cohort the
    paper's claim ("reproduced" / "not reproduced" when the CI excludes the paper's gain / "inconclusive").
-6. **Grad-CAM** is not a comparison: per backbone and objective, lesion enrichment with its CI against 1 (from
-   ``metrics/gradcam.csv``, which holds no per-subject scores, so it stays outside the Holm family).
+6. **Grad-CAM** is not a comparison: per backbone and objective, lesion enrichment (CAM share over volume share
+   of tumour + peritumoral ring) tested against 1 from the per-subject scores (``gradcam_subjects_*`` artifacts),
+   in the same Holm family; older runs without those files: the CI of ``metrics/gradcam.csv`` against 1, outside
+   the family (said in the note).
 """
 from __future__ import annotations
 
@@ -118,7 +120,7 @@ def rule_table() -> pd.DataFrame:
         "molecular": "paired bootstrap of the mean metric over the endpoints, per comparison; Holm",
         "survival": "paired bootstrap of the c-index difference per site (survival_risk files); Holm",
         "site_mixing": "paired bootstrap of the mean silhouette width difference (test subjects); Holm",
-        "gradcam": "enrichment CI against 1 per objective (not in the Holm family)"})
+        "gradcam": "bootstrap of the lesion enrichment against 1 per objective (per-subject scores); Holm"})
     return frame
 
 
@@ -428,34 +430,58 @@ def site_mixing_rows(run_dir: Path, methods: list[str], n_boot: int, pca_compone
 
 
 # ----------------------------------------------------------------------------------------------- Grad-CAM
-def gradcam_rows(table: pd.DataFrame | None, scenario: str) -> list[dict]:
-    """Lesion enrichment (CAM share / volume share of tumour + peritumoral ring; 1 = no preference) with its
-    bootstrap CI per backbone and objective: shown when the CI lies above 1, not shown when below 1."""
+def gradcam_rows(run_dir: Path, methods: list[str], n_boot: int, seed: int = 0, min_distinct: float = 1.0,
+                 scenario: str = "imported") -> list[dict]:
+    """Lesion enrichment = mean CAM share / mean volume share of tumour + peritumoral ring (1 = no preference) per
+    backbone, objective and explained endpoint, with a bootstrap CI and a one-sided p for "enrichment > 1" from
+    the per-subject scores ``artifacts/gradcam_subjects_{backbone}_{objective}_{endpoint}.csv`` (test patients
+    whole, within site); these rows join the Holm family. Without those files, the CI of ``metrics/gradcam.csv``
+    is shown and decides alone (outside the Holm family, said in the note)."""
     claim = next(c for c in CLAIMS if c.kind == "gradcam")
+    manifest = read_manifest(run_dir)
+    patient_of = manifest.set_index("subject_id")["patient_id"].astype(str) if manifest is not None else None
     rows = []
+    for method in methods:
+        for path in sorted((Path(run_dir) / "artifacts").glob(f"gradcam_subjects_{method}_*.csv")):
+            objective, endpoint = path.stem[len(f"gradcam_subjects_{method}_"):].split("_", 1)
+            scores = pd.read_csv(path, dtype={"subject_id": str, "site": str})
+            scores = scores[scores["note"].fillna("").astype(str) == ""]
+            cam = (scores["cam_in_tumor"] + scores["cam_in_peritumoral"]).to_numpy(float)
+            volume = (scores["tumor_volume_fraction"] + scores["peritumoral_volume_fraction"]).to_numpy(float)
+            patients = (scores["subject_id"].map(patient_of).fillna(scores["subject_id"]) if patient_of is not None
+                        else scores["subject_id"]).astype(str).to_numpy()
+            sites = scores["site"].astype(str).to_numpy()
+            counts = bootstrap.draw(len(scores), n_boot, seed, clusters=patients, strata=sites)
+            ratio = lambda c: bootstrap.ratio_of_means(cam, volume, c)
+            point, low, high = bootstrap.interval(ratio, counts, len(scores)) if len(scores) else (np.nan,) * 3
+            result = {"log10_distinct": bootstrap.log10_distinct_resamples(len(scores), patients, sites),
+                      "deltas": ratio(counts) - 1 if len(scores) else np.array([])}
+            row = _comparison_row(claim, method, objective, "", "all", result, n_boot, min_distinct=min_distinct,
+                                  note=f"explained endpoint {endpoint}; value = CAM share / volume share of tumour "
+                                       "+ ring (1 = no preference); delta = value - 1")
+            rows.append({**row, "comparison": objective, "metric": "cam lesion enrichment", "value": point,
+                         "delta": point - 1, "ci_low": low, "ci_high": high, "n_test": len(scores),
+                         "paper_erm": np.nan, "paper_dro": np.nan, "paper_delta": np.nan})
+    if rows:
+        return rows
+    table = _metrics(run_dir, "gradcam")  # older runs: no per-subject file, the CI alone decides
     if table is None or table.empty or "lesion_enrichment_ci_low" not in table:
         return rows
-    for (backbone, objective), part in table.groupby(["backbone", "objective"]):
-        overall = part[part["site"] == "all"]
-        if overall.empty:
-            continue
-        point, low, high = (float(overall[c].iloc[0]) for c in
+    for (backbone, objective), part in table[table["site"] == "all"].groupby(["backbone", "objective"]):
+        point, low, high = (float(part[c].iloc[0]) for c in
                             ("lesion_enrichment", "lesion_enrichment_ci_low", "lesion_enrichment_ci_high"))
-        if scenario == "imported":
+        if not (np.isfinite(low) and np.isfinite(high)):
+            verdict = "not evaluable"
+        elif scenario == "imported":
             verdict = "reproduced" if low > 1 else "not reproduced" if high < 1 else "inconclusive"
         else:
             verdict = "lesion focus shown" if low > 1 else "lesion focus not shown"
-        if not (np.isfinite(low) and np.isfinite(high)):
-            verdict = "not evaluable"
-        sites = part[part["site"] != "all"]
-        per_site = ", ".join(f"{s} {v:.2f}" for s, v in zip(sites["site"], sites.get("lesion_enrichment", []))
-                             if np.isfinite(v))
         rows.append({"claim": claim.text, "claim_key": claim.key, "backbone": backbone, "comparison": objective,
                      "objective": objective, "site": "all", "metric": "cam lesion enrichment", "value": point,
-                     "ci_low": low, "ci_high": high, "verdict": verdict,
-                     "n_test": float(overall["n"].iloc[0]) if "n" in overall else np.nan,
-                     "note": "value = CAM share / volume share of tumour + ring (1 = no preference); not in the "
-                             "Holm family" + (f"; per site: {per_site}" if per_site else "")})
+                     "delta": point - 1, "ci_low": low, "ci_high": high, "verdict": verdict,
+                     "n_test": float(part["n"].iloc[0]) if "n" in part else np.nan,
+                     "note": "no per-subject Grad-CAM scores: the CI of metrics/gradcam.csv against 1 decides, "
+                             "outside the Holm family"})
     return rows
 
 
@@ -468,8 +494,10 @@ def decide(table: pd.DataFrame, scenario: str, alpha: float = ALPHA) -> pd.DataF
     table["verdict"] = table["verdict"].astype(object)
     table["control"] = table["control"].astype(object)
     pairwise = table["comparison"].isin([f"{t}-{b}" for t, b in COMPARISONS])
-    table.loc[pairwise, "adjusted_p"] = bootstrap.holm(table.loc[pairwise, "p_value"].to_numpy(float))
-    table.loc[pairwise, "gain_declared"] = table.loc[pairwise, "adjusted_p"] < alpha
+    cam = table["claim_key"] == "gradcam_lesion"
+    tested = pairwise | (cam & table["verdict"].isna())  # Grad-CAM rows decided by a CI alone keep their verdict
+    table.loc[tested, "adjusted_p"] = bootstrap.holm(table.loc[tested, "p_value"].to_numpy(float))
+    table.loc[tested, "gain_declared"] = table.loc[tested, "adjusted_p"] < alpha
     attribution = []
     dro_erm = table[table["comparison"] == "dro-erm"]
     for _, row in dro_erm.iterrows():
@@ -489,12 +517,17 @@ def decide(table: pd.DataFrame, scenario: str, alpha: float = ALPHA) -> pd.DataF
     if attribution:
         table = pd.concat([table, pd.DataFrame(attribution)], ignore_index=True)
     for i, row in table.iterrows():
-        if row["claim_key"] == "gradcam_lesion" or row["verdict"] == "no paired data":
+        if isinstance(row["verdict"], str):  # "no paired data", or a Grad-CAM CI-only verdict
             continue
         if not np.isfinite(row["adjusted_p"]):
             table.at[i, "verdict"], table.at[i, "gain_declared"] = "not evaluable", np.nan
             continue
         gain = bool(row["gain_declared"])
+        if row["claim_key"] == "gradcam_lesion":
+            table.at[i, "verdict"] = (("reproduced" if gain else "not reproduced" if row["ci_high"] < 1 else
+                                       "inconclusive") if scenario == "imported"
+                                      else "lesion focus shown" if gain else "lesion focus not shown")
+            continue
         verdict = WORDING.get((scenario, gain), WORDING[("synthetic", gain)])
         if scenario == "imported" and not gain and np.isfinite(row["paper_delta"]) \
                 and row["ci_high"] < row["paper_delta"]:  # the data exclude the paper's gain
@@ -522,18 +555,15 @@ def all_verdicts(run_dir: Path, methods: list[str], thresholds: dict[str, float]
     n_sites = manifest["site"].nunique() if manifest is not None else 3
     present = [pair for pair in COMPARISONS if any(all((Path(run_dir) / "artifacts" / f"predictions_{m}_{o}_pooled.csv")
                                                       .is_file() for o in pair) for m in methods)]
-    family = len(methods) * max(len(present), 1) * (sum(c.kind == "molecular" for c in CLAIMS) + n_sites + 1)
+    family = len(methods) * (max(len(present), 1) * (sum(c.kind == "molecular" for c in CLAIMS) + n_sites + 1)
+                             + len({o for pair in present for o in pair}))  # + one Grad-CAM test per objective
     n_boot = max(int(n_boot), bootstrap.resamples_for_holm(family, alpha))
     least = family / alpha  # rule 3: a bootstrap with fewer distinct resamples cannot reach Holm's first step
     rows = (molecular_rows(run_dir, methods, thresholds, n_boot, oracle, seed, least)
             + survival_rows(run_dir, methods, n_boot, seed, least)
-            + site_mixing_rows(run_dir, methods, n_boot, pca_components, seed, least))
-    table = decide(pd.DataFrame(rows, columns=VERDICT_COLUMNS), scenario, alpha)
-    cam = gradcam_rows(_metrics(run_dir, "gradcam"), scenario)
-    if cam:
-        table = pd.concat([table, pd.DataFrame(cam, columns=VERDICT_COLUMNS).assign(scenario=scenario)],
-                          ignore_index=True)
-    return table[VERDICT_COLUMNS]
+            + site_mixing_rows(run_dir, methods, n_boot, pca_components, seed, least)
+            + gradcam_rows(run_dir, methods, n_boot, seed, least, scenario))
+    return decide(pd.DataFrame(rows, columns=VERDICT_COLUMNS), scenario, alpha)
 
 
 def verdict_counts(table: pd.DataFrame) -> pd.DataFrame:

@@ -185,21 +185,45 @@ def test_site_mixing_is_paired_over_test_subjects(tmp_path):
     assert dro_erm["delta"] < 0 and dro_erm["ci_high"] < 0 and dro_erm["p_value"] < 0.01  # lower = mixes more
 
 
-def test_gradcam_verdicts():
+def _cam_scores(manifest, cam_tumor, cam_ring):
+    test = manifest[manifest["split"] == "test"].head(len(cam_tumor))
+    return pd.DataFrame({"subject_id": test["subject_id"].to_numpy(), "site": test["site"].to_numpy(),
+                         "explained_class": "positive", "cam_in_tumor": cam_tumor, "cam_in_peritumoral": cam_ring,
+                         "tumor_volume_fraction": 0.1, "peritumoral_volume_fraction": 0.2, "note": ""})
+
+
+def test_gradcam_rows_from_per_subject_scores_join_holm(tmp_path):
+    run, manifest = _run(tmp_path)
+    rng = np.random.default_rng(0)
+    _cam_scores(manifest, rng.uniform(0.3, 0.6, 60), rng.uniform(0.1, 0.3, 60)).to_csv(
+        run / "artifacts" / "gradcam_subjects_byol_erm_idh.csv", index=False)
+    _cam_scores(manifest, rng.uniform(0.0, 0.2, 60), rng.uniform(0.0, 0.4, 60)).to_csv(
+        run / "artifacts" / "gradcam_subjects_byol_dro_idh.csv", index=False)
+    rows = pd.DataFrame(summary.gradcam_rows(run, ["byol"], n_boot=500)).set_index("objective")
+    scores = pd.read_csv(run / "artifacts" / "gradcam_subjects_byol_erm_idh.csv")
+    expected = ((scores["cam_in_tumor"] + scores["cam_in_peritumoral"]).mean() / 0.3)
+    assert rows.loc["erm", "value"] == pytest.approx(expected) and rows.loc["erm", "p_value"] < 0.01
+    assert rows.loc["dro", "ci_low"] < 1 < rows.loc["dro", "ci_high"]
+    table = summary.all_verdicts(run, ["byol"], {}, n_boot=50)
+    cam = table[table["claim_key"] == "gradcam_lesion"].set_index("objective")
+    assert cam.loc["erm", "verdict"] == "lesion focus shown" and cam.loc["dro", "verdict"] == "lesion focus not shown"
+    assert cam["adjusted_p"].notna().all()  # in the same Holm family as the comparisons
+
+
+def test_gradcam_without_per_subject_scores_uses_the_table_ci(tmp_path):
     from nrfm.explain import summarise_scores
 
-    def table(cam_tumor, cam_ring):
-        n = len(cam_tumor)
-        scores = pd.DataFrame({"site": ["A", "B"] * (n // 2), "cam_in_tumor": cam_tumor, "cam_in_peritumoral": cam_ring,
-                               "tumor_volume_fraction": 0.1, "peritumoral_volume_fraction": 0.2, "note": ""})
-        return pd.DataFrame([{"backbone": "byol", "objective": "erm", **row}
-                             for row in summarise_scores(scores, ["A", "B"], n_boot=500)])
-
-    shown = pd.DataFrame(summary.gradcam_rows(table(np.full(20, 0.5), np.full(20, 0.2)), "site-shift"))
-    assert shown["verdict"].tolist() == ["lesion focus shown"] and shown["value"].iloc[0] == pytest.approx(0.7 / 0.3)
-    assert "per site: A 2.33, B 2.33" in shown["note"].iloc[0]
-    avoided = pd.DataFrame(summary.gradcam_rows(table(np.full(20, 0.05), np.full(20, 0.1)), "imported"))
-    assert avoided["verdict"].tolist() == ["not reproduced"]
+    run, manifest = _run(tmp_path)
+    (run / "metrics").mkdir()
+    rows = []
+    for objective, (tumor, ring) in (("erm", (0.5, 0.2)), ("dro", (0.05, 0.1))):
+        scores = _cam_scores(manifest, np.full(20, tumor), np.full(20, ring))
+        rows += [{"backbone": "byol", "objective": objective, **row}
+                 for row in summarise_scores(scores, ["Big", "Small"], n_boot=200)]
+    pd.DataFrame(rows).to_csv(run / "metrics" / "gradcam.csv", index=False)
+    cam = pd.DataFrame(summary.gradcam_rows(run, ["byol"], n_boot=50, scenario="imported")).set_index("objective")
+    assert cam.loc["erm", "verdict"] == "reproduced" and cam.loc["dro", "verdict"] == "not reproduced"
+    assert cam.loc["erm", "value"] == pytest.approx(0.7 / 0.3) and "outside the Holm family" in cam.loc["erm", "note"]
 
 
 def test_sweep_collection_and_spread(tmp_path):
