@@ -12,9 +12,9 @@ DRO), both on the TEST subjects:
   from the embedding (stratified K-fold, scaler fitted inside each fold); balanced accuracy, chance =
   1 / number of sites. Near chance = the embedding carries little site information a linear model can read.
 
-Bootstrap CIs (:mod:`nrfm.bootstrap`) resample test patients within site (so every resample keeps every site): for the silhouette the
-per-subject silhouette widths are resampled (the projection is fixed), for the probe the out-of-fold
-predictions are resampled (the probe is not refitted). Both CIs therefore describe the evaluation sample's
+Bootstrap CIs (:mod:`nrfm.bootstrap`) resample test patients within site (so every resample keeps every site):
+for the silhouette the per-subject silhouette widths are resampled (the projection is fixed), for the probe the
+out-of-fold predictions are resampled (the probe is not refitted). Both CIs therefore describe the evaluation sample's
 variability, not that of the PCA or probe fit.
 
 Artifacts read: ``artifacts/embeddings_{method}_{stage}.npz`` with ``subject_id`` (N,) and ``embedding``

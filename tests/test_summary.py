@@ -149,7 +149,8 @@ def _risks(manifest, objective, seed):
     test["os_days"] = rng.exponential(300, len(test)).round()
     test["os_event"] = rng.integers(0, 2, len(test))
     noise = np.random.default_rng(seed).normal(size=len(test))
-    test["risk"] = -test["os_days"] / 300 * (2.0 if objective == "dro" else 0.2) + noise * (0.2 if objective == "dro" else 1)
+    strong = objective == "dro"
+    test["risk"] = -test["os_days"] / 300 * (2.0 if strong else 0.2) + noise * (0.2 if strong else 1.0)
     return test[["subject_id", "patient_id", "site", "os_days", "os_event", "risk"]]
 
 
