@@ -107,7 +107,10 @@ def test_metrics_follow_the_contract(smoke_run):
     binary = molecular[molecular["endpoint"].isin(["mgmt", "idh"]) & molecular["auc"].isna()]
     assert binary.empty or binary["note"].fillna("").str.len().gt(0).all()
     verdicts = pd.read_csv(metrics / "verdicts.csv")
-    assert set(verdicts["verdict"]) <= {"reproduced", "not reproduced", "inconclusive"}
+    from nrfm.eval.claims import VERDICTS
+
+    assert set(verdicts["verdict"]) <= VERDICTS
+    assert {"scenario", "comparison", "objective", "adjusted_p"} <= set(verdicts)
     for claim in ("mean AUC", "PCA-silhouette", "c-index", "Grad-CAM"):
         assert verdicts["claim"].str.contains(claim).any(), claim
 

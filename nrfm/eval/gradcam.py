@@ -410,16 +410,16 @@ def gradcam_subject_scores(ctx, model: nn.Module, endpoint: str, rows: Sequence[
 
 
 def enrichment_ci(cam_share: np.ndarray, volume_share: np.ndarray, n_boot: int, seed: int = 0,
-                  alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile bootstrap CI (resampling subjects) of ``mean(cam_share) / mean(volume_share)``."""
-    from nrfm.eval.metrics import bootstrap_indices, percentile_ci
+                  alpha: float = 0.05, clusters: Sequence[str] | None = None) -> tuple[float, float]:
+    """Percentile bootstrap CI (:mod:`nrfm.eval.bootstrap`, patients drawn whole) of
+    ``mean(cam_share) / mean(volume_share)``."""
+    from nrfm.eval import bootstrap
 
     cam_share, volume_share = np.asarray(cam_share, float), np.asarray(volume_share, float)
     if len(cam_share) < 2 or n_boot < 1:
         return np.nan, np.nan
-    pick = bootstrap_indices(len(cam_share), n_boot, seed)
-    low, high, _ = percentile_ci(cam_share[pick].mean(axis=1) / volume_share[pick].mean(axis=1), alpha)
-    return low, high
+    counts = bootstrap.draw(len(cam_share), n_boot, seed, clusters=clusters)
+    return bootstrap.percentile_ci(bootstrap.ratio_of_means(cam_share, volume_share, counts), alpha)
 
 
 def _enrichment(frame: pd.DataFrame, prefix: str, region: str, n_boot: int, seed: int) -> tuple[float, float, float]:

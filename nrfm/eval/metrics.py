@@ -5,12 +5,15 @@ Point estimates come from scikit-learn (``roc_auc_score``, ``balanced_accuracy_s
 
 * the decision threshold, chosen on the validation split by Youden's J (max TPR - FPR over the ROC curve;
   among ties the highest threshold), and used unchanged on the test split;
-* percentile bootstrap 95% CIs over subjects (``n_boot`` resamples, seeded). For speed the bootstrap computes
-  AUC from ranks (the Mann-Whitney form, ties averaged: identical to ``roc_auc_score``, which the tests
-  check) for all resamples at once. Resamples with a single class are dropped;
-* a paired bootstrap for differences between two models on the same subjects (DRO minus ERM): each resample
-  draws one set of subjects and evaluates both models on it;
-* :func:`molecular_table`, the per-site / ``all`` / ``worst`` table of ``metrics/molecular.csv``.
+* percentile bootstrap 95% CIs from :mod:`nrfm.eval.bootstrap` (the kit's one bootstrap): ``n_boot`` resamples,
+  seeded, patients drawn whole within class strata (every resample keeps both classes), all resamples computed
+  at once (weighted Mann-Whitney AUC, identical to ``roc_auc_score`` on the explicit resample: tested);
+* :func:`paired_bootstrap`, the paired difference of two models on the same resamples (DRO minus ERM), the
+  procedure of notebook 02's table and of the verdicts of :mod:`nrfm.eval.claims`;
+* :func:`molecular_table`, the per-site / ``all`` / ``worst`` table of ``metrics/molecular.csv``. ``worst`` is the
+  site with the lowest validation AUC (test-chosen only where validation cannot choose, and then labelled so).
+
+A NaN threshold (validation with a single class) means no decision rule: balanced accuracy is NaN, never 0.5.
 
 Continuous endpoints (Ki-67, TP53-IHC, in percent) get MAE and Spearman's rho on the raw values and, binarized
 as ``y >= cut`` (cuts from the fine-tuning config), the same AUC / balanced accuracy as binary endpoints with
@@ -25,13 +28,13 @@ import pandas as pd
 from scipy.stats import rankdata, spearmanr
 from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, roc_auc_score, roc_curve
 
+from nrfm.eval import bootstrap
 from nrfm.config import BINARY_ENDPOINTS, CONTINUOUS_ENDPOINTS, ENDPOINTS
 
 MOLECULAR_COLUMNS = ("backbone", "objective", "protocol", "seed", "site", "endpoint", "n", "n_pos",
                      "balanced_accuracy", "auc", "auc_ci_low", "auc_ci_high", "mae", "spearman")
 EXTRA_COLUMNS = ("balanced_accuracy_ci_low", "balanced_accuracy_ci_high", "threshold", "oracle_auc", "worst_site",
                  "note")
-MIN_VALID_RESAMPLES = 10  # fewer resamples with both classes: no CI (said in the note)
 
 
 def check_endpoint(name: str) -> str:
@@ -65,7 +68,7 @@ def rank_auc(y: np.ndarray, score: np.ndarray) -> float:
     y = np.asarray(y, dtype=float)
     if len(y) == 0:
         return float("nan")
-    return float(auc_resampled(y, score, np.arange(len(y))[None])[0])
+    return float(bootstrap.auc(y, score, np.ones((1, len(y)), dtype=np.int64))[0])
 
 
 def balanced_accuracy(y: np.ndarray, score: np.ndarray, threshold: float) -> float:
@@ -101,56 +104,38 @@ def continuous_metrics(y: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
 
 
 # ----------------------------------------------------------------------------------------------- bootstrap
-def bootstrap_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
-    """(n_boot, n) subject indices drawn with replacement; the same (n, n_boot, seed) gives the same draw."""
-    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-
-
+# Thin adapters over nrfm.eval.bootstrap (the one bootstrap of the kit); kept for callers that pass index matrices.
 def auc_resampled(y: np.ndarray, score: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """AUC for each row of ``idx`` (B, n) at once, from average ranks; NaN where a resample has one class."""
-    yb = np.asarray(y, dtype=float)[idx]
-    sb = np.asarray(score, dtype=float)[idx]
-    ranks = rankdata(sb, axis=1)
-    n_pos = yb.sum(1)
-    n_neg = yb.shape[1] - n_pos
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = ((ranks * yb).sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-    out[(n_pos == 0) | (n_neg == 0)] = np.nan
-    return out
+    """AUC for each row of the index matrix ``idx`` (B, m) at once (average ranks); NaN for a single class."""
+    return bootstrap.auc(y, score, bootstrap.counts_from_indices(idx, len(np.asarray(y))))
 
 
 def balanced_accuracy_resampled(y: np.ndarray, score: np.ndarray, threshold: float, idx: np.ndarray) -> np.ndarray:
-    """Balanced accuracy for each row of ``idx`` (B, n); NaN where a resample has one class."""
-    yb = np.asarray(y, dtype=float)[idx] > 0.5
-    pb = np.asarray(score, dtype=float)[idx] >= threshold
-    n_pos, n_neg = yb.sum(1), (~yb).sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = 0.5 * ((pb & yb).sum(1) / n_pos + (~pb & ~yb).sum(1) / n_neg)
-    out[(n_pos == 0) | (n_neg == 0)] = np.nan
-    return out
+    """Balanced accuracy for each row of ``idx`` (B, m); NaN for a single class or a NaN threshold."""
+    return bootstrap.balanced_accuracy(y, score, threshold, bootstrap.counts_from_indices(idx, len(np.asarray(y))))
 
 
 def percentile_ci(values: np.ndarray, alpha: float = 0.05) -> tuple[float, float, int]:
-    """Percentile interval of the finite ``values``: (low, high, n_valid); NaNs if too few are finite."""
+    """:func:`nrfm.eval.bootstrap.percentile_ci` plus the number of finite values: (low, high, n_finite).
+    The interval is NaN as soon as one resample is undefined (undefined resamples are never dropped)."""
     values = np.asarray(values, dtype=float)
-    values = values[np.isfinite(values)]
-    if len(values) < MIN_VALID_RESAMPLES:
-        return float("nan"), float("nan"), len(values)
-    low, high = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return float(low), float(high), len(values)
+    low, high = bootstrap.percentile_ci(values, alpha)
+    return low, high, int(np.isfinite(values).sum())
 
 
 def bootstrap_ci(metric: Callable[..., float], *arrays: np.ndarray, n_boot: int = 1000, seed: int = 0,
-                 alpha: float = 0.05) -> tuple[float, float, int]:
-    """Percentile bootstrap CI of any metric of paired per-subject arrays (resampled together).
+                 alpha: float = 0.05, clusters: Sequence | None = None,
+                 strata: Sequence | None = None) -> tuple[float, float, int]:
+    """Percentile bootstrap CI of any metric of per-row arrays resampled together (:func:`nrfm.eval.bootstrap.draw`:
+    clusters within strata); for metrics that nrfm.eval.bootstrap cannot compute for all resamples at once.
 
     Args:
-        metric: function of the resampled arrays returning a float (NaN or an exception = invalid resample).
-        arrays: per-subject arrays of equal length n.
-        n_boot: number of resamples; seed: seed of the draw.
+        metric: function of the resampled arrays returning a float (NaN or a ValueError = undefined resample).
+        arrays: per-row arrays of equal length n.
+        clusters: (n,) patient per row (all of a patient's rows are drawn together); strata: (n,) labels.
 
     Returns:
-        (low, high, number of valid resamples).
+        (low, high, number of defined resamples); NaN, NaN if any resample is undefined.
     """
     n = len(arrays[0])
     if any(len(a) != n for a in arrays):
@@ -158,9 +143,10 @@ def bootstrap_ci(metric: Callable[..., float], *arrays: np.ndarray, n_boot: int 
     if n == 0:
         return float("nan"), float("nan"), 0
     values = []
-    for row in bootstrap_indices(n, n_boot, seed):
+    for row in bootstrap.draw(n, n_boot, seed, clusters=clusters, strata=strata):
+        pick = bootstrap.indices(row)
         try:
-            values.append(float(metric(*(np.asarray(a)[row] for a in arrays))))
+            values.append(float(metric(*(np.asarray(a)[pick] for a in arrays))))
         except ValueError:
             values.append(float("nan"))
     return percentile_ci(np.array(values), alpha)
@@ -168,42 +154,49 @@ def bootstrap_ci(metric: Callable[..., float], *arrays: np.ndarray, n_boot: int 
 
 def paired_bootstrap(y: np.ndarray, score_a: np.ndarray, score_b: np.ndarray, metric: str = "auc",
                      threshold_a: float = 0.5, threshold_b: float = 0.5, n_boot: int = 1000,
-                     seed: int = 0) -> dict[str, float]:
-    """Difference B minus A of a metric on the same subjects, with a paired percentile bootstrap CI.
+                     seed: int = 0, clusters: Sequence | None = None) -> dict[str, float]:
+    """Difference B minus A of a metric on the same subjects: paired, class-stratified, patient-clustered.
 
-    Every resample draws one set of subject indices and evaluates both models on it, so the between-subject
-    variation cancels in the difference.
+    Every resample (:func:`nrfm.eval.bootstrap.draw` with ``strata=y``, ``clusters``) scores both models on the same
+    exams, so the between-subject variation cancels in the difference; each resample keeps both classes.
+    This is the procedure of the verdicts (:mod:`nrfm.eval.claims`) too.
 
     Args:
         y: (n,) binary labels; score_a, score_b: (n,) scores of the two models for the same subjects.
-        metric: ``auc`` or ``balanced_accuracy`` (then ``threshold_a`` / ``threshold_b`` apply).
+        metric: ``auc`` or ``balanced_accuracy`` (then ``threshold_a`` / ``threshold_b`` apply; NaN = undefined).
+        clusters: (n,) patient_id per exam (default: each exam its own patient).
 
     Returns:
-        dict with ``a``, ``b``, ``delta`` (point values), ``ci_low``, ``ci_high`` and ``n_valid``.
+        dict with ``a``, ``b``, ``delta`` (point values), ``ci_low``, ``ci_high``, ``p_value`` (one-sided, for
+        B > A) and ``n_valid`` (resamples with a defined difference).
     """
     if metric not in ("auc", "balanced_accuracy"):
         raise ValueError(f"unknown metric {metric!r}; valid: ['auc', 'balanced_accuracy']")
     y = np.asarray(y, dtype=float)
     if not (len(y) == len(score_a) == len(score_b)):
         raise ValueError("paired_bootstrap: y, score_a and score_b must have the same length")
-    idx = bootstrap_indices(len(y), n_boot, seed) if len(y) else np.zeros((0, 0), dtype=int)
+    if len(np.unique(y)) < 2:
+        nan = float("nan")
+        return {"a": nan, "b": nan, "delta": nan, "ci_low": nan, "ci_high": nan, "p_value": nan, "n_valid": 0}
+    counts = bootstrap.draw(len(y), n_boot, seed, clusters=clusters, strata=y)
     if metric == "auc":
-        a, b = auc(y, score_a), auc(y, score_b)
-        deltas = auc_resampled(y, score_b, idx) - auc_resampled(y, score_a, idx) if len(y) else np.array([])
+        stat_a, stat_b = (lambda c: bootstrap.auc(y, score_a, c)), (lambda c: bootstrap.auc(y, score_b, c))
     else:
-        a, b = balanced_accuracy(y, score_a, threshold_a), balanced_accuracy(y, score_b, threshold_b)
-        deltas = (balanced_accuracy_resampled(y, score_b, threshold_b, idx)
-                  - balanced_accuracy_resampled(y, score_a, threshold_a, idx)) if len(y) else np.array([])
-    low, high, n_valid = percentile_ci(deltas)
-    return {"a": a, "b": b, "delta": b - a, "ci_low": low, "ci_high": high, "n_valid": n_valid}
+        stat_a = lambda c: bootstrap.balanced_accuracy(y, score_a, threshold_a, c)
+        stat_b = lambda c: bootstrap.balanced_accuracy(y, score_b, threshold_b, c)
+    result = bootstrap.paired_difference(stat_a, stat_b, counts, len(y))
+    return {**{k: v for k, v in result.as_dict().items() if k != "n_boot"},
+            "n_valid": int(np.isfinite(result.deltas).sum())}
 
 
 # ----------------------------------------------------------------------------------------------- the table
 def _row(y_raw: np.ndarray, score: np.ndarray, endpoint: str, threshold: float, cuts: Mapping[str, float],
-         n_boot: int, seed: int, oracle_score: np.ndarray | None, decision: np.ndarray | None = None) -> dict:
+         n_boot: int, seed: int, oracle_score: np.ndarray | None, decision: np.ndarray | None = None,
+         clusters: np.ndarray | None = None) -> dict:
     """Metrics of one (site, endpoint) cell; NaNs always come with a note saying why.
 
-    ``decision`` (default ``score``) is what is compared with ``threshold`` for balanced accuracy.
+    ``decision`` (default ``score``) is what is compared with ``threshold`` for balanced accuracy;
+    ``clusters`` (patient_id per exam) are resampled whole.
     """
     y = binarize(endpoint, y_raw, cuts)
     decision = score if decision is None else decision
@@ -220,15 +213,13 @@ def _row(y_raw: np.ndarray, score: np.ndarray, endpoint: str, threshold: float, 
         notes.append(f"single class in test ({row['n_pos']} positive of {row['n']}): AUC and balanced accuracy "
                      "undefined")
         return {**row, "note": "; ".join(notes)}
-    idx = bootstrap_indices(len(y), n_boot, seed)
-    row["auc"] = auc(y, score)
-    row["auc_ci_low"], row["auc_ci_high"], valid = percentile_ci(auc_resampled(y, score, idx))
-    if valid < MIN_VALID_RESAMPLES:
-        notes.append(f"only {valid} bootstrap resamples had both classes: no CI")
+    # patients drawn whole, within class strata: every resample keeps both classes (nrfm.eval.bootstrap.draw)
+    counts = bootstrap.draw(len(y), n_boot, seed, clusters=clusters, strata=y)
+    row["auc"], row["auc_ci_low"], row["auc_ci_high"] = bootstrap.interval(
+        lambda c: bootstrap.auc(y, score, c), counts, len(y))
     if np.isfinite(threshold):
-        row["balanced_accuracy"] = balanced_accuracy(y, decision, threshold)
-        low, high, _ = percentile_ci(balanced_accuracy_resampled(y, decision, threshold, idx))
-        row["balanced_accuracy_ci_low"], row["balanced_accuracy_ci_high"] = low, high
+        row["balanced_accuracy"], row["balanced_accuracy_ci_low"], row["balanced_accuracy_ci_high"] = \
+            bootstrap.interval(lambda c: bootstrap.balanced_accuracy(y, decision, threshold, c), counts, len(y))
     else:
         notes.append("no threshold: validation had a single class, balanced accuracy undefined")
     if oracle_score is not None and endpoint in BINARY_ENDPOINTS:
@@ -293,15 +284,16 @@ def molecular_table(predictions: pd.DataFrame, backbone: str, objective: str, pr
                 oracle_score = None
                 if oracle_map is not None and endpoint in oracle_map:
                     oracle_score = cell["subject_id"].map(oracle_map[endpoint]).to_numpy(dtype=float)
+                clusters = cell["patient_id" if "patient_id" in cell else "subject_id"].astype(str).to_numpy()
                 row = _row(cell["y_true"].to_numpy(dtype=float), score, endpoint, threshold, cuts, n_boot, seed,
-                           oracle_score, decision)
+                           oracle_score, decision, clusters)
                 if len(thresholds) > 1:
                     row["threshold"] = float("nan")
                     row["note"] = "; ".join(n for n in (row["note"], "folds pooled: AUC on raw scores, balanced "
                                                         "accuracy at each fold's own threshold") if n)
             site_rows.append({**key, "site": site, "endpoint": endpoint, **row})
         rows += site_rows
-        rows.append({**key, **_worst(site_rows[:-1], endpoint)})
+        rows.append({**key, **_worst(site_rows[:-1], endpoint, _validation_worst_site(part, endpoint, cuts))})
     frame = pd.DataFrame(rows)
     for column in (*MOLECULAR_COLUMNS, *EXTRA_COLUMNS):
         if column not in frame:
@@ -322,8 +314,29 @@ def _training_single_class(part: pd.DataFrame, endpoint: str, cuts: Mapping[str,
     return "; ".join(notes)
 
 
-def _worst(site_rows: list[dict], endpoint: str) -> dict:
-    """The per-site row with the lowest AUC, relabelled ``worst`` with the site in ``worst_site``."""
+def _validation_worst_site(part: pd.DataFrame, endpoint: str, cuts: Mapping[str, float]) -> list[str]:
+    """Sites ordered by VALIDATION AUC of ``endpoint``, lowest first (pooled protocol); empty when no site has a
+    validation AUC (single classes, or ``loso`` whose held-out site has no validation rows)."""
+    val = part[part["split"] == "val"]
+    if val.empty or val["fold"].nunique() != 1:
+        return []
+    aucs = {site: auc(binarize(endpoint, rows["y_true"].to_numpy(), cuts), rows["y_score"].to_numpy(dtype=float))
+            for site, rows in val.groupby("site")}
+    aucs = {site: value for site, value in aucs.items() if np.isfinite(value)}
+    return sorted(sorted(aucs), key=lambda site: aucs[site])
+
+
+def _worst(site_rows: list[dict], endpoint: str, validation_order: Sequence[str] = ()) -> dict:
+    """The ``worst`` row: the test metrics of the site with the lowest VALIDATION AUC (chosen before looking at
+    test, so its test CI is an honest CI), named in ``worst_site``. Without a validation choice it is the site
+    with the lowest TEST AUC, labelled so in the note: a minimum over sites picked on test is biased low and its
+    CI ignores the selection; it is descriptive only and no verdict is built on it. (A site whose test labels
+    have a single class cannot be scored and is passed over: a choice by test labels, never by test scores.)"""
+    by_site = {r["site"]: r for r in site_rows}
+    chosen = [by_site[s] for s in validation_order if s in by_site and np.isfinite(by_site[s].get("auc", np.nan))]
+    if chosen:
+        note = "; ".join(n for n in (chosen[0].get("note", ""), "worst site chosen on validation AUC") if n)
+        return {**chosen[0], "site": "worst", "worst_site": chosen[0]["site"], "note": note}
     finite = [r for r in site_rows if np.isfinite(r.get("auc", np.nan))]
     if not finite:
         reasons = sorted({r.get("note", "") for r in site_rows if r.get("note")})
@@ -331,4 +344,6 @@ def _worst(site_rows: list[dict], endpoint: str) -> dict:
                 "n_pos": sum(r["n_pos"] for r in site_rows), "worst_site": "",
                 "note": "; ".join(["no site with an evaluable AUC", *reasons])}
     worst = min(finite, key=lambda r: r["auc"])
-    return {**worst, "site": "worst", "worst_site": worst["site"]}
+    note = "; ".join(n for n in (worst.get("note", ""), "worst site chosen on TEST (descriptive only: biased low, "
+                                 "CI not adjusted for the selection)") if n)
+    return {**worst, "site": "worst", "worst_site": worst["site"], "note": note}

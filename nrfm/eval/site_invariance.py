@@ -29,9 +29,9 @@ image intensities rather than an embedding (:func:`intensity_features`: per cont
   native voxel spacing read from the NIfTI header; scanner gain, offset and resolution carry site, so this row
   shows what a clearly site-coded representation scores.
 
-Bootstrap CIs resample test subjects within site (so every resample keeps every site): for the silhouette the
-per-subject silhouette widths are resampled (the projection is fixed), for the probe the out-of-fold
-predictions are resampled (the probe is not refitted). Both CIs therefore describe the evaluation sample's
+Bootstrap CIs (:mod:`nrfm.eval.bootstrap`) resample test patients within site (so every resample keeps every site):
+for the silhouette the per-subject silhouette widths are resampled (the projection is fixed), for the probe the
+out-of-fold predictions are resampled (the probe is not refitted). Both CIs therefore describe the evaluation sample's
 variability, not that of the PCA or probe fit.
 
 Artifacts read: ``artifacts/embeddings_{method}_{stage}.npz`` with ``subject_id`` (N,) and ``embedding``
@@ -116,33 +116,30 @@ def split_indices(manifest: pd.DataFrame, fit_split: str = "train", eval_split: 
 
 # ---- statistics -----------------------------------------------------------------------------------------------
 def stratified_bootstrap_ci(statistic: Callable[[np.ndarray], float], n: int, n_boot: int, seed: int = 0,
-                            strata: np.ndarray | None = None, alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile bootstrap CI of ``statistic(indices)``, resampling within strata.
+                            strata: np.ndarray | None = None, alpha: float = 0.05,
+                            clusters: np.ndarray | None = None) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``statistic(indices)``, resampling within strata (:func:`nrfm.eval.bootstrap.draw`).
 
-    :func:`nrfm.eval.metrics.bootstrap_ci` resamples all subjects together; site statistics need every site in every
-    resample (a resample without a site changes what the statistic means), hence the strata here. The interval
-    itself is :func:`nrfm.eval.metrics.percentile_ci` (same minimum of valid resamples as the other tables).
+    Site statistics need every site in every resample (a resample without a site changes what the statistic
+    means), hence site strata; ``clusters`` (patient_id) keeps a patient's exams together. For statistics
+    nrfm.eval.bootstrap computes for all resamples at once, :func:`site_invariance_row` calls it directly.
 
     Args:
-        statistic: maps an index array (n,) drawn with replacement to a number; NaN = undefined resample.
+        statistic: maps an index array drawn with replacement to a number; NaN = undefined resample.
         n: number of subjects.
         n_boot: resamples.
-        strata: optional labels (n,): each stratum is resampled to its own size.
+        strata: optional labels (n,): each stratum keeps its number of clusters.
         alpha: 1 - coverage.
+        clusters: optional patient labels (n,).
 
     Returns:
-        (low, high); NaN, NaN when too few resamples give a finite value.
+        (low, high); NaN, NaN when a resample is undefined.
     """
-    from nrfm.eval.metrics import percentile_ci
+    from nrfm.eval import bootstrap
 
-    rng = np.random.default_rng(seed)
-    groups = [np.arange(n)] if strata is None else [np.where(strata == s)[0] for s in np.unique(strata)]
-    values = np.full(n_boot, np.nan)
-    for b in range(n_boot):
-        idx = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
-        values[b] = statistic(idx)
-    low, high, _ = percentile_ci(values, alpha)
-    return low, high
+    counts = bootstrap.draw(n, n_boot, seed, clusters=clusters, strata=strata)
+    values = np.array([statistic(bootstrap.indices(row)) for row in counts], dtype=float)
+    return bootstrap.percentile_ci(values, alpha)
 
 
 def pca_silhouette(train_embedding: np.ndarray, eval_embedding: np.ndarray, eval_sites: Sequence[str],
@@ -227,7 +224,8 @@ def _site_numbers(train_embedding: np.ndarray, test_embedding: np.ndarray, sites
     try:
         score, widths, k = pca_silhouette(train_embedding, test_embedding, sites, n_components)
         row.update({sil: score, "pca_components": k})
-        low, high = stratified_bootstrap_ci(lambda i: float(widths[i].mean()), len(sites), n_boot, seed, strata=sites)
+        low, high = stratified_bootstrap_ci(lambda i: float(widths[i].mean()), len(sites), n_boot, seed, strata=sites,
+                                            clusters=groups)
         row.update({f"{sil_ci}_ci_low": low, f"{sil_ci}_ci_high": high})
     except ValueError as err:
         notes.append(f"no PCA-silhouette{label}: {err}")
@@ -235,13 +233,13 @@ def _site_numbers(train_embedding: np.ndarray, test_embedding: np.ndarray, sites
         pred = site_probe_predictions(test_embedding, sites, n_folds, seed, groups)
         row[probe] = float(balanced_accuracy_score(sites, pred))
         low, high = stratified_bootstrap_ci(lambda i: float(balanced_accuracy_score(sites[i], pred[i])),
-                                            len(sites), n_boot, seed, strata=sites)
+                                            len(sites), n_boot, seed, strata=sites, clusters=groups)
         row.update({f"{probe_ci}_ci_low": low, f"{probe_ci}_ci_high": high})
     except ValueError as err:
         notes.append(f"no site probe{label}: {err}")
     for metric, low in ((sil, f"{sil_ci}_ci_low"), (probe, f"{probe_ci}_ci_low")):
         if np.isfinite(row[metric]) and not np.isfinite(row[low]):
-            notes.append(f"no CI for {metric}: fewer than half of the bootstrap resamples were defined")
+            notes.append(f"no CI for {metric}: some bootstrap resample was undefined")
     return row, notes
 
 

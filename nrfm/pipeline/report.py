@@ -41,9 +41,8 @@ pre.error{background:#fdecea;border-left:4px solid #c0392b;color:#611a15}
 .table-box{max-width:100%;max-height:520px;overflow:auto;margin:8px 0}.table-box table{margin:0}
 details{margin:6px 0}summary{cursor:pointer;color:#56606b;font-size:12px}
 .status-complete{color:#1e7d32}.status-failed,.status-incomplete{color:#c0392b}
-.verdict-reproduced{background:#e6f4ea}.verdict-not-reproduced{background:#fdecea}
-.verdict-inconclusive{background:#fff8e1}td.verdict-reproduced,td.verdict-not-reproduced,
-td.verdict-inconclusive{text-align:center}code{background:#f1f3f5;padding:0 3px}
+.verdict-good{background:#e6f4ea}.verdict-bad{background:#fdecea}
+.verdict-neutral{background:#fff8e1}td.verdict-good,td.verdict-bad,td.verdict-neutral{text-align:center}code{background:#f1f3f5;padding:0 3px}
 """
 
 
@@ -155,40 +154,58 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def _verdict_html(run_dir: Path) -> str:
-    """Compact grid: one row per claim (and site), one column per backbone, each cell the verdict with the measured
-    DRO-minus-ERM difference and its CI; the full table behind a toggle."""
-    path = RunLayout(run_dir).metrics("verdicts")
+    """Grid: one row per claim, comparison (or objective) and, for per-site claims, site; one column per backbone.
+    Every row of ``metrics/verdicts.csv`` appears in exactly one cell (a cell lists all rows that share its key),
+    with the measured difference, its CI and the Holm-adjusted p; the full table behind a toggle."""
+    from nrfm.eval.claims import verdict_tone
+
+    path = run_dir / "metrics" / "verdicts.csv"
     if not path.is_file():
         return "<p>No verdict table (the summary notebook did not run in this run).</p>"
     frame = pd.read_csv(path)
     if frame.empty:
         return "<p>No claim could be evaluated in this run.</p>"
-    frame["row"] = frame["claim"] + np.where(frame["claim"].str.contains("each site"), " · " + frame["site"].astype(str), "")
+    for column in ("comparison", "site", "scenario", "adjusted_p", "note", "paper_erm", "paper_dro"):
+        if column not in frame:
+            frame[column] = np.nan
+    per_site = frame["claim"].str.contains("each site", na=False)
+    frame["row"] = (frame["claim"].astype(str) + " · " + frame["comparison"].fillna("").astype(str)
+                    + np.where(per_site, " · " + frame["site"].astype(str), ""))
     backbones = sorted(frame["backbone"].astype(str).unique())
-    head = "<tr><th>claim</th><th>paper (ERM → +DRO)</th>" + "".join(f"<th>{html.escape(b)}</th>" for b in backbones) + "</tr>"
+    scenario = ", ".join(sorted(frame["scenario"].dropna().astype(str).unique())) or "not recorded"
+    head = ("<tr><th>claim · comparison</th><th>paper (ERM → DRO)</th>"
+            + "".join(f"<th>{html.escape(b)}</th>" for b in backbones) + "</tr>")
     rows = []
     for row_name, part in frame.groupby("row", sort=False):
         first = part.iloc[0]
         paper = (f"{_fmt(first.get('paper_erm'))} → {_fmt(first.get('paper_dro'))}"
-                 if pd.notna(first.get("paper_erm")) else "qualitative")
+                 if pd.notna(first.get("paper_erm")) else "")
         cells = []
         for backbone in backbones:
             match = part[part["backbone"].astype(str) == backbone]
             if match.empty:
                 cells.append("<td></td>")
                 continue
+            items = []
+            for _, r in match.iterrows():
+                is_cam = str(r.get("metric", "")).startswith("cam")
+                detail = (f"enrichment {_fmt(r.get('value'))}" if is_cam else f"Δ {_fmt(r.get('delta'))}")
+                if pd.notna(r.get("ci_low")):
+                    detail += f" [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
+                if pd.notna(r.get("adjusted_p")):
+                    detail += f" · Holm p {float(r['adjusted_p']):.3g}"
+                if not per_site.loc[r.name]:
+                    detail += f" · site {html.escape(str(r['site']))}"
+                items.append(f"<b>{html.escape(str(r['verdict']))}</b><br><small>{detail}</small>")
             r = match.iloc[0]
-            css = "verdict-" + str(r["verdict"]).replace(" ", "-")
-            detail = (f"enrichment {_fmt(r['delta'])}" if str(r.get("metric", "")).startswith("CAM")
-                      else f"Δ {_fmt(r['delta'])}")
-            if pd.notna(r.get("ci_low")):
-                detail += f" [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
+            css = "verdict-" + verdict_tone(r["verdict"])
             note = f" title='{html.escape(str(r['note']))}'" if isinstance(r.get("note"), str) and r["note"] else ""
-            cells.append(f"<td class='{css}'{note}><b>{html.escape(str(r['verdict']))}</b><br><small>{detail}"
-                         f"{' · site ' + html.escape(str(r['site'])) if 'each site' not in row_name else ''}</small></td>")
+            cells.append(f"<td class='{css}'{note}>{'<hr>'.join(items)}</td>")
         rows.append(f"<tr><td>{html.escape(row_name)}</td><td>{paper}</td>{''.join(cells)}</tr>")
-    full = frame.drop(columns=["row"]).to_html(index=False, border=0, na_rep="", float_format=lambda v: f"{v:.3f}")
-    return (f"<table>{head}{''.join(rows)}</table><details><summary>all verdict columns (CSV: metrics/verdicts.csv)"
+    full = frame.drop(columns=["row"]).to_html(index=False, border=0, na_rep="", float_format=lambda v: f"{v:.3g}")
+    return (f"<p>Cohort scenario: <b>{html.escape(scenario)}</b>. Decisions: one-sided paired bootstrap tests, "
+            "Holm-adjusted over the run's comparisons (rules: <code>nrfm.eval.claims</code>).</p>"
+            f"<table>{head}{''.join(rows)}</table><details><summary>all verdict columns (CSV: metrics/verdicts.csv)"
             f"</summary>{full}</details>")
 
 

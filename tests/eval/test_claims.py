@@ -1,91 +1,255 @@
-"""Verdicts: the rule itself, the paired bootstrap against a direct computation, and the claim tables."""
+"""Verdicts: claim specs, paired tests from the run's artifacts, Holm, wording per scenario, sweep helpers."""
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
+from lifelines.utils import concordance_index
 from sklearn.metrics import roc_auc_score
 
+from nrfm.eval import bootstrap
 from nrfm.eval import claims as summary
 
-
-@pytest.mark.parametrize("low, high, gain, n, expected", [
-    (0.01, 0.10, 0.05, 100, "reproduced"),
-    (-0.10, 0.02, 0.05, 100, "not reproduced"),   # CI excludes the paper's gain
-    (-0.30, -0.10, 0.05, 100, "not reproduced"),  # CI entirely below zero
-    (-0.05, 0.08, 0.05, 100, "inconclusive"),     # contains both 0 and the gain
-    (0.01, 0.10, 0.05, 5, "inconclusive"),        # too few subjects to call anything
-    (np.nan, 0.1, 0.05, 100, "inconclusive"),
-])
-def test_verdict_rule(low, high, gain, n, expected):
-    assert summary.verdict(low, high, gain, n) == expected
+SITES = {"Small": (12, 40), "Big": (60, 20)}  # site: (train patients, test patients); smallest by TRAINING
 
 
-def _predictions(n=120, seed=0, signal=1.0):
-    rng = np.random.default_rng(seed)
+def _manifest():
     rows = []
-    for endpoint in ("mgmt", "idh"):
-        y = rng.integers(0, 2, n)
-        score = y * signal + rng.normal(size=n)
-        rows += [{"subject_id": f"s{i:03d}", "site": "A", "split": "test", "endpoint": endpoint, "y_true": float(y[i]),
-                  "y_score": float(score[i]), "threshold": 0.5} for i in range(n)]
+    for site, (n_train, n_test) in SITES.items():
+        for split, count in (("train", n_train), ("val", 6), ("test", n_test)):
+            for i in range(count):
+                patient = f"{site}-{split}-{i // 2}"  # two exams per patient
+                rows.append({"subject_id": f"{site}-{split}-{i}", "patient_id": patient, "site": site,
+                             "split": split})
     return pd.DataFrame(rows)
 
 
-def test_paired_bootstrap_point_values_match_sklearn():
-    erm, dro = _predictions(seed=1, signal=0.5), _predictions(seed=1, signal=2.0)
-    result = summary.paired_bootstrap(erm, dro, "auc", ("mgmt", "idh"), n_boot=200, seed=0)
+def _predictions(manifest, signal, seed=0, endpoints=("mgmt", "idh"), threshold=0.5):
+    rng = np.random.default_rng(seed)
+    rows = []
+    labels = np.random.default_rng(99)  # the same labels for every objective
+    for endpoint in endpoints:
+        y = labels.integers(0, 2, len(manifest)).astype(float)
+        score = y * signal + rng.normal(size=len(manifest))
+        frame = manifest.assign(fold="pooled", endpoint=endpoint, y_true=y, y_score=score, threshold=threshold)
+        rows.append(frame)
+    return pd.concat(rows, ignore_index=True)
+
+
+def _run(tmp_path, objectives=(("erm", 0.2), ("dro", 2.5), ("reweighted", 0.3)), scenario="site-shift"):
+    run = tmp_path / "run"
+    (run / "artifacts").mkdir(parents=True)
+    (run / "data").mkdir()
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    (cohort / "oracle.csv").write_text("subject_id,endpoint,value\n")
+    if scenario is not None:
+        (cohort / "cohort.json").write_text(json.dumps({"scenario": scenario}))
+    (run / "data" / "SOURCE").write_text(f"{cohort / 'manifest.csv'}\n")
+    manifest = _manifest()
+    manifest.to_csv(run / "data" / "manifest.csv", index=False)
+    for k, (objective, signal) in enumerate(objectives):
+        _predictions(manifest, signal, seed=k).to_csv(run / "artifacts" / f"predictions_byol_{objective}_pooled.csv",
+                                                      index=False)
+    return run, manifest
+
+
+def test_claim_specs_and_wording_are_data():
+    rules = summary.rule_table()
+    assert set(rules["key"]) == {c.key for c in summary.CLAIMS} and rules["test"].notna().all()
+    words = summary.wording_table()
+    assert {"planted gain detected", "no gain where none was planted", "gain reported where none was planted",
+            "reproduced"} <= set(words["verdict"])
+    assert summary.verdict_tone("gain reported where none was planted") == "bad"
+
+
+def test_scenario_from_the_cohort_folder(tmp_path):
+    run, _ = _run(tmp_path, scenario="no-shift")
+    assert summary.cohort_scenario(run) == "no-shift"
+    (tmp_path / "cohort" / "cohort.json").write_text("{}")
+    assert summary.cohort_scenario(run) == "synthetic"  # legacy synthetic cohort: no scenario key
+    (tmp_path / "cohort" / "cohort.json").unlink()
+    (tmp_path / "cohort" / "oracle.csv").unlink()
+    assert summary.cohort_scenario(run) == "imported"
+
+
+def test_paired_endpoint_mean_point_values_and_nan_threshold():
+    manifest = _manifest()
+    test = manifest[manifest["split"] == "test"]
+    erm, dro = _predictions(test, 0.3, seed=1), _predictions(test, 2.0, seed=2)
+    result = summary.paired_endpoint_mean(erm, dro, "auc", ("mgmt", "idh"), n_boot=300)
     direct = lambda f: np.mean([roc_auc_score(p["y_true"], p["y_score"]) for _, p in f.groupby("endpoint")])
-    assert result["erm"] == pytest.approx(direct(erm)) and result["dro"] == pytest.approx(direct(dro))
-    assert result["ci_low"] > 0  # a much stronger signal: the CI of the difference is above zero
-    assert result["ci_low"] <= result["delta"] <= result["ci_high"]
+    assert result["a"] == pytest.approx(direct(erm)) and result["b"] == pytest.approx(direct(dro))
+    assert result["ci_low"] > 0 and result["p_value"] < 0.01
+    same = summary.paired_endpoint_mean(erm, erm, "bacc", ("mgmt", "idh"), n_boot=100)
+    assert same["delta"] == 0 and same["ci_low"] == 0 and same["p_value"] == 1
+    # a NaN threshold (validation with one class) is no decision rule: the endpoint is not scored, never 0.5
+    no_rule = erm.copy()
+    no_rule.loc[no_rule["endpoint"] == "idh", "threshold"] = np.nan
+    result = summary.paired_endpoint_mean(no_rule, dro, "bacc", ("mgmt", "idh"), n_boot=50)
+    assert result["endpoints"] == ["mgmt"] and "idh (no validation threshold)" in result["note"]
 
 
-def test_identical_models_give_a_zero_difference():
-    frame = _predictions(seed=3)
-    result = summary.paired_bootstrap(frame, frame, "bacc", ("mgmt", "idh"), n_boot=100, seed=0)
-    assert result["delta"] == 0 and result["ci_low"] == 0 and result["ci_high"] == 0
+def test_molecular_rows_use_the_smallest_training_site(tmp_path):
+    run, _ = _run(tmp_path)
+    rows = pd.DataFrame(summary.molecular_rows(run, ["byol"], {}, n_boot=200))
+    assert set(rows["site"]) == {"Small"}  # fewest training exams, although it has the most test exams
+    unlabelled = rows[rows["claim_key"] == "auc_atrx"]  # no ATRX labels in these predictions
+    assert unlabelled["p_value"].isna().all() and unlabelled["note"].str.contains("no labelled").all()
+    assert set(rows["comparison"]) == {"dro-erm", "dro-reweighted"}
+    auc = rows[(rows["claim_key"] == "auc_rare_site") & (rows["comparison"] == "dro-erm")].iloc[0]
+    assert auc["n_test"] == 40 and auc["delta"] > 0 and auc["p_value"] < 0.01
 
 
-def test_molecular_verdicts_from_prediction_files(tmp_path):
-    (tmp_path / "artifacts").mkdir()
-    for objective, signal in (("erm", 0.3), ("dro", 2.5)):
-        frame = _predictions(n=150, seed=5, signal=signal)
-        frame["site"] = np.where(frame["subject_id"] < "s040", "Small", "Big")
-        frame.to_csv(tmp_path / "artifacts" / f"predictions_byol_{objective}_pooled.csv", index=False)
-    table = summary.molecular_verdicts(tmp_path, ["byol"], {}, n_boot=200)
-    auc_row = table[table["claim"].str.contains("mean AUC")].iloc[0]
-    assert auc_row["site"] == "Small" and auc_row["n_test"] == 40
-    assert auc_row["verdict"] == "reproduced" and auc_row["paper_delta"] == pytest.approx(0.02)
-    assert set(table["verdict"]) <= {"reproduced", "not reproduced", "inconclusive"}
+def _decision_table():
+    base = {"claim": "c", "metric": "auc", "site": "S", "paper_delta": 0.05, "ci_low": 0.0, "ci_high": 0.1,
+            "note": ""}
+    rows = []
+    for k, (key, backbone, comparison, p) in enumerate([
+            ("a", "byol", "dro-erm", 0.001), ("a", "byol", "dro-reweighted", 0.004),
+            ("a", "dino", "dro-erm", 0.001), ("a", "dino", "dro-reweighted", 0.3),
+            ("b", "byol", "dro-erm", 0.02), ("b", "byol", "dro-reweighted", np.nan)]):
+        rows.append({**base, "claim_key": key, "backbone": backbone, "comparison": comparison, "p_value": p})
+    return pd.DataFrame(rows)
 
 
-def test_survival_and_gradcam_verdicts():
-    survival = pd.DataFrame([
-        {"backbone": "byol", "objective": "erm", "site": "A", "n": 60, "c_index": 0.60, "ci_low": 0.5, "ci_high": 0.7},
-        {"backbone": "byol", "objective": "dro", "site": "A", "n": 60, "c_index": 0.75, "ci_low": 0.66, "ci_high": 0.8},
-        {"backbone": "byol", "objective": "erm", "site": "B", "n": 8, "c_index": 0.60, "ci_low": 0.3, "ci_high": 0.9},
-        {"backbone": "byol", "objective": "dro", "site": "B", "n": 8, "c_index": 0.90, "ci_low": 0.7, "ci_high": 1.0}])
-    verdicts = summary.survival_verdicts(survival).set_index("site")
-    assert verdicts.loc["A", "verdict"] == "reproduced" and verdicts.loc["B", "verdict"] == "inconclusive"
+def test_holm_attribution_and_wording_by_scenario():
+    table = summary.decide(_decision_table(), "site-shift")
+    pairwise = table[table["comparison"] != summary.ATTRIBUTION]
+    expected = bootstrap.holm(_decision_table()["p_value"].to_numpy())
+    assert pairwise["adjusted_p"].to_numpy() == pytest.approx(expected, nan_ok=True)
+    attribution = table[table["comparison"] == summary.ATTRIBUTION].set_index(["claim_key", "backbone"])
+    # DRO beats ERM and reweighted (both adjusted) only for claim a on byol
+    assert attribution.loc[("a", "byol"), "verdict"] == "planted gain detected"
+    assert attribution.loc[("a", "dino"), "verdict"] == "planted gain not detected"
+    assert attribution.loc[("a", "byol"), "adjusted_p"] == pytest.approx(max(expected[0], expected[1]))
+    assert attribution.loc[("b", "byol"), "verdict"] == "not evaluable"  # its reweighted comparison has no p
+    no_shift = summary.decide(_decision_table(), "no-shift").set_index(["claim_key", "backbone", "comparison"])
+    assert no_shift.loc[("a", "byol", "dro-erm"), "verdict"] == "gain reported where none was planted"
+    assert no_shift.loc[("a", "byol", "dro-erm"), "control"] == "false positive"
+    assert no_shift.loc[("a", "dino", "dro-reweighted"), "verdict"] == "no gain where none was planted"
+    imported = summary.decide(_decision_table().assign(ci_high=0.03), "imported").set_index(
+        ["claim_key", "backbone", "comparison"])
+    assert imported.loc[("a", "byol", "dro-erm"), "verdict"] == "reproduced"
+    assert imported.loc[("b", "byol", "dro-erm"), "verdict"] == "not reproduced"  # CI below the paper's 0.05
 
-    def gradcam_table(cam_tumor: np.ndarray, cam_ring: np.ndarray) -> pd.DataFrame:
-        from nrfm.eval.gradcam import summarise_scores
 
-        n = len(cam_tumor)
-        scores = pd.DataFrame({"site": ["A", "B"] * (n // 2), "cam_in_tumor": cam_tumor, "cam_in_peritumoral": cam_ring,
-                               "tumor_volume_fraction": 0.1, "peritumoral_volume_fraction": 0.2, "note": ""})
-        rows = summarise_scores(scores, ["A", "B"], n_boot=500)
-        return pd.DataFrame([{"backbone": "byol", "objective": "erm", **row} for row in rows])
+def test_runs_with_only_erm_and_dro_are_attributed_on_dro_minus_erm(tmp_path):
+    run, _ = _run(tmp_path, objectives=(("erm", 0.2), ("dro", 2.5)))
+    table = summary.all_verdicts(run, ["byol"], {}, n_boot=50)
+    assert set(table["comparison"]) >= {"dro-erm", summary.ATTRIBUTION}
+    assert "dro-reweighted" not in set(table["comparison"])
+    attributed = table[(table["comparison"] == summary.ATTRIBUTION) & (table["claim_key"] == "auc_rare_site")]
+    assert "no reweighted model" in attributed["note"].iloc[0]
+    assert (table["scenario"] == "site-shift").all() and table["n_boot"].max() >= 50
 
+
+def _risks(manifest, objective, seed):
     rng = np.random.default_rng(0)
-    enriched = summary.gradcam_verdicts(gradcam_table(np.full(20, 0.5), np.full(20, 0.2)))
-    assert enriched["verdict"].tolist() == ["reproduced"] and enriched["delta"].iloc[0] == pytest.approx(0.7 / 0.3)
-    assert "per site: A 2.33, B 2.33" in enriched["note"].iloc[0]
-    avoided = summary.gradcam_verdicts(gradcam_table(np.full(20, 0.05), np.full(20, 0.1)))
-    assert avoided["verdict"].tolist() == ["not reproduced"]
-    # lesion shares scattered around their volume share (0.3): the CI contains 1
-    noisy = gradcam_table(rng.uniform(0.0, 0.2, 20), rng.uniform(0.0, 0.4, 20))
-    verdict = summary.gradcam_verdicts(noisy).iloc[0]
-    assert verdict["ci_low"] < 1 < verdict["ci_high"] and verdict["verdict"] == "inconclusive"
+    test = manifest[manifest["split"] == "test"].copy()
+    test["os_days"] = rng.exponential(300, len(test)).round()
+    test["os_event"] = rng.integers(0, 2, len(test))
+    noise = np.random.default_rng(seed).normal(size=len(test))
+    strong = objective == "dro"
+    test["risk"] = -test["os_days"] / 300 * (2.0 if strong else 0.2) + noise * (0.2 if strong else 1.0)
+    return test[["subject_id", "patient_id", "site", "os_days", "os_event", "risk"]]
+
+
+def test_survival_is_paired_when_risks_exist_and_says_so_otherwise(tmp_path):
+    run, manifest = _run(tmp_path)
+    pd.DataFrame([{"backbone": "byol", "objective": o, "site": s, "c_index": 0.6} for o in ("erm", "dro")
+                  for s in ("Small", "Big", "all")]).to_csv(run / "metrics" / "survival.csv", index=False) \
+        if (run / "metrics").mkdir() is None else None
+    missing = pd.DataFrame(summary.survival_rows(run, ["byol"], n_boot=50))
+    assert set(missing["verdict"]) == {"no paired data"} and set(missing["site"]) == {"Small", "Big"}
+    for k, objective in enumerate(("erm", "dro")):
+        _risks(manifest, objective, k).to_csv(run / "artifacts" / f"survival_risk_byol_{objective}.csv", index=False)
+    rows = pd.DataFrame(summary.survival_rows(run, ["byol"], n_boot=200)).set_index("site")
+    erm, dro = _risks(manifest, "erm", 0), _risks(manifest, "dro", 1)
+    small = erm["site"] == "Small"
+    expected = (concordance_index(dro["os_days"][small], -dro["risk"][small], dro["os_event"][small])
+                - concordance_index(erm["os_days"][small], -erm["risk"][small], erm["os_event"][small]))
+    assert rows.loc["Small", "delta"] == pytest.approx(expected)
+    assert rows.loc["Small", "ci_low"] <= rows.loc["Small", "delta"] <= rows.loc["Small", "ci_high"]
+    assert rows.loc["Small", "p_value"] < 0.05
+
+
+def test_site_mixing_is_paired_over_test_subjects(tmp_path):
+    run, manifest = _run(tmp_path)
+    rng = np.random.default_rng(0)
+    offset = np.where(manifest["site"] == "Small", 3.0, 0.0)[:, None]
+    for objective, scale in (("erm", 1.0), ("dro", 0.1), ("reweighted", 1.0)):
+        emb = rng.normal(size=(len(manifest), 6)) + scale * offset
+        np.savez(run / "artifacts" / f"embeddings_byol_{objective}.npz",
+                 subject_id=manifest["subject_id"].to_numpy(dtype=str), embedding=emb)
+    rows = pd.DataFrame(summary.site_mixing_rows(run, ["byol"], n_boot=200, pca_components=3))
+    dro_erm = rows[rows["comparison"] == "dro-erm"].iloc[0]
+    assert dro_erm["delta"] < 0 and dro_erm["ci_high"] < 0 and dro_erm["p_value"] < 0.01  # lower = mixes more
+
+
+def _cam_scores(manifest, cam_tumor, cam_ring, shuffled=None, random_init=None):
+    test = manifest[manifest["split"] == "test"].head(len(cam_tumor))
+    frame = pd.DataFrame({"subject_id": test["subject_id"].to_numpy(), "site": test["site"].to_numpy(),
+                          "explained_class": "positive", "cam_in_tumor": cam_tumor, "cam_in_peritumoral": cam_ring,
+                          "tumor_volume_fraction": 0.1, "peritumoral_volume_fraction": 0.2, "note": ""})
+    for prefix, cam in (("shuffled_mask_", shuffled), ("random_init_", random_init)):
+        if cam is not None:
+            frame[f"{prefix}cam_in_tumor"] = cam
+            frame[f"{prefix}tumor_volume_fraction"] = 0.1
+    return frame
+
+
+def test_gradcam_focus_must_beat_both_controls_and_joins_holm(tmp_path):
+    """A map that follows the lesion beats the shuffled-mask and random-init controls; a centre-heavy map that
+    scores as high against another subject's mask does not, however far its enrichment is above 1."""
+    run, manifest = _run(tmp_path)
+    rng = np.random.default_rng(0)
+    n = 60
+    _cam_scores(manifest, rng.uniform(0.4, 0.6, n), rng.uniform(0.1, 0.3, n), shuffled=rng.uniform(0.1, 0.2, n),
+                random_init=rng.uniform(0.05, 0.15, n)).to_csv(
+        run / "artifacts" / "gradcam_subjects_byol_erm_idh.csv", index=False)
+    centre = rng.uniform(0.3, 0.5, n)
+    _cam_scores(manifest, centre, rng.uniform(0.0, 0.4, n), shuffled=centre + rng.normal(0, 0.02, n),
+                random_init=rng.uniform(0.05, 0.15, n)).to_csv(
+        run / "artifacts" / "gradcam_subjects_byol_dro_idh.csv", index=False)
+    rows = pd.DataFrame(summary.gradcam_rows(run, ["byol"], n_boot=500)).set_index("objective")
+    erm = pd.read_csv(run / "artifacts" / "gradcam_subjects_byol_erm_idh.csv")
+    assert rows.loc["erm", "value"] == pytest.approx(erm["cam_in_tumor"].mean() / 0.1)  # the lesion alone
+    assert rows.loc["erm", "baseline"] == pytest.approx(
+        max(erm["shuffled_mask_cam_in_tumor"].mean(), erm["random_init_cam_in_tumor"].mean()) / 0.1)
+    assert rows.loc["erm", "p_value"] < 0.01 and rows.loc["erm", "ci_low"] > 0
+    assert rows.loc["dro", "value"] > 3  # far above 1 ...
+    assert rows.loc["dro", "ci_low"] < 0 < rows.loc["dro", "ci_high"]  # ... but not above its shuffled-mask control
+    table = summary.all_verdicts(run, ["byol"], {}, n_boot=50)
+    cam = table[table["claim_key"] == "gradcam_lesion"].set_index("objective")
+    assert cam.loc["erm", "verdict"] == "lesion focus shown" and cam.loc["dro", "verdict"] == "lesion focus not shown"
+    assert cam["adjusted_p"].notna().all()  # in the same Holm family as the comparisons
+
+
+def test_gradcam_without_control_columns_tests_enrichment_above_one(tmp_path):
+    run, manifest = _run(tmp_path)
+    rng = np.random.default_rng(1)
+    _cam_scores(manifest, rng.uniform(0.3, 0.6, 60), rng.uniform(0.1, 0.3, 60)).to_csv(
+        run / "artifacts" / "gradcam_subjects_byol_erm_idh.csv", index=False)
+    row = pd.DataFrame(summary.gradcam_rows(run, ["byol"], n_boot=200)).iloc[0]
+    assert row["baseline"] == 1.0 and "no control columns" in row["note"] and row["ci_low"] > 0
+
+
+def test_gradcam_without_per_subject_scores_uses_the_table_ci(tmp_path):
+    from nrfm.eval.gradcam import summarise_scores
+
+    run, manifest = _run(tmp_path)
+    (run / "metrics").mkdir()
+    rows = []
+    for objective, (tumor, ring) in (("erm", (0.5, 0.2)), ("dro", (0.05, 0.1))):
+        scores = _cam_scores(manifest, np.full(20, tumor), np.full(20, ring)).assign(
+            cam_in_core=tumor / 2, core_volume_fraction=0.05)
+        rows += [{"backbone": "byol", "objective": objective, **row}
+                 for row in summarise_scores(scores, ["Big", "Small"], n_boot=200)]
+    pd.DataFrame(rows).to_csv(run / "metrics" / "gradcam.csv", index=False)
+    cam = pd.DataFrame(summary.gradcam_rows(run, ["byol"], n_boot=50, scenario="imported")).set_index("objective")
+    assert cam.loc["erm", "verdict"] == "reproduced" and cam.loc["dro", "verdict"] == "not reproduced"
+    assert cam.loc["erm", "value"] == pytest.approx(0.5 / 0.1) and "outside the Holm family" in cam.loc["erm", "note"]
 
 
 def test_sweep_collection_and_spread(tmp_path):
@@ -94,6 +258,7 @@ def test_sweep_collection_and_spread(tmp_path):
         folder.mkdir(parents=True)
         pd.DataFrame([{"backbone": "byol", "objective": "erm", "auc": 0.6 + 0.1 * seed}]).to_csv(
             folder / "molecular.csv", index=False)
+    assert summary.find_runs(tmp_path) == [tmp_path / "runs" / f"r{s}" for s in (0, 1, 2)]
     frame = summary.collect_metrics(tmp_path, "molecular")
     assert sorted(frame["run"]) == ["r0", "r1", "r2"]
     spread = summary.spread(frame, ["backbone", "objective"], ["auc"]).iloc[0]
@@ -101,16 +266,46 @@ def test_sweep_collection_and_spread(tmp_path):
     assert spread["runs"] == 3
 
 
-def test_site_invariance_verdict_reads_the_stage_table():
-    table = pd.DataFrame([
-        {"backbone": "byol", "stage": "erm", "pca_silhouette_site": 0.30, "pca_silhouette_ci_low": 0.25,
-         "pca_silhouette_ci_high": 0.35},
-        {"backbone": "byol", "stage": "dro", "pca_silhouette_site": 0.10, "pca_silhouette_ci_low": 0.05,
-         "pca_silhouette_ci_high": 0.15},
-        {"backbone": "byol", "stage": "pretrained", "pca_silhouette_site": 0.5, "pca_silhouette_ci_low": 0.4,
-         "pca_silhouette_ci_high": 0.6}])
-    verdict = summary.site_invariance_verdicts(table)
-    assert verdict["verdict"].tolist() == ["reproduced"] and verdict["delta"].iloc[0] == pytest.approx(-0.2)
-    table.loc[table["stage"] == "dro", ["pca_silhouette_site", "pca_silhouette_ci_low", "pca_silhouette_ci_high"]] = \
-        [0.5, 0.45, 0.55]
-    assert summary.site_invariance_verdicts(table)["verdict"].tolist() == ["not reproduced"]
+def test_write_verdicts_replaces_the_file(tmp_path):
+    run, _ = _run(tmp_path)
+    scope = summary.SummaryScope(run, [run], False, None, "")
+    table = summary.all_verdicts(run, ["byol"], {}, n_boot=50).assign(run="run")
+    path = summary.write_verdicts(scope, table[["run", *summary.VERDICT_COLUMNS]])
+    written = pd.read_csv(path)
+    assert "run" not in written and {"scenario", "comparison", "objective", "adjusted_p"} <= set(written)
+    assert len(written) == len(table)
+
+
+def test_report_grid_shows_every_verdict_row(tmp_path):
+    from nrfm.pipeline.report import _verdict_html
+
+    run, _ = _run(tmp_path)
+    (run / "metrics").mkdir()
+    rows = [{"claim": "DRO raises mean AUC at the smallest site", "backbone": "byol", "comparison": c,
+             "objective": "dro", "site": "Small", "metric": "auc", "scenario": "site-shift", "delta": d,
+             "ci_low": d - 0.1, "ci_high": d + 0.1, "adjusted_p": p, "verdict": v, "note": ""}
+            for c, d, p, v in (("dro-erm", 0.2, 0.001, "planted gain detected"),
+                               ("dro-reweighted", 0.01, 0.4, "planted gain not detected"),
+                               (summary.ATTRIBUTION, 0.2, 0.4, "planted gain not detected"))]
+    rows += [{"claim": "Grad-CAM concentrates on tumour and peritumoral tissue", "backbone": "byol",
+              "comparison": o, "objective": o, "site": "all", "metric": "cam lesion enrichment", "value": 2.0,
+              "ci_low": 1.5, "ci_high": 2.5, "verdict": "lesion focus shown", "scenario": "site-shift"}
+             for o in ("erm", "dro")]
+    pd.DataFrame(rows).to_csv(run / "metrics" / "verdicts.csv", index=False)
+    grid = _verdict_html(run).split("<details>")[0]
+    for comparison in ("dro-erm", "dro-reweighted", summary.ATTRIBUTION, "· erm", "· dro"):
+        assert comparison in grid, comparison
+    assert grid.count("planted gain not detected") == 2 and grid.count("lesion focus shown") == 2
+    assert "verdict-good" in grid and "verdict-bad" in grid and "site-shift" in grid
+
+
+def test_a_degenerate_bootstrap_is_not_evaluable():
+    manifest = _manifest()
+    test = manifest[manifest["split"] == "test"].head(4)  # two patients, two exams each
+    erm = _predictions(test, 0.0, endpoints=("idh",)).assign(y_true=[0.0, 0.0, 1.0, 1.0])
+    dro = erm.assign(y_score=[0.0, 0.0, 1.0, 1.0])
+    result = summary.paired_endpoint_mean(erm, dro, "auc", ("idh",), n_boot=200)
+    assert result["ci_low"] == result["ci_high"]  # a single possible resample: zero width whatever the data
+    claim = summary.CLAIMS[2]
+    row = summary._comparison_row(claim, "byol", "dro", "erm", "Small", result, 200, min_distinct=2880)
+    assert np.isnan(row["p_value"]) and "distinct resamples" in row["note"]

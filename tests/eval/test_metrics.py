@@ -7,6 +7,7 @@ import pytest
 from scipy.stats import spearmanr
 from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, roc_auc_score
 
+from nrfm.eval import bootstrap
 from nrfm.eval import metrics
 from nrfm.eval.metrics import EXTRA_COLUMNS, MOLECULAR_COLUMNS, molecular_table
 
@@ -65,29 +66,41 @@ def test_continuous_metrics_agree_with_sklearn_and_scipy():
 def test_bootstrap_ci_covers_point_and_matches_loop():
     y, score = _random(5, n=80)
     point = metrics.auc(y, score)
-    low, high, valid = metrics.bootstrap_ci(roc_auc_score, y, score, n_boot=300, seed=7)
+    low, high, valid = metrics.bootstrap_ci(roc_auc_score, y, score, n_boot=300, seed=7, strata=y)
     assert low <= point <= high and valid == 300
-    # the vectorised rank AUC over the same draws gives the same interval
-    idx = metrics.bootstrap_indices(len(y), 300, 7)
-    low2, high2, _ = metrics.percentile_ci(metrics.auc_resampled(y, score, idx))
+    # the vectorised AUC over the same draws gives the same interval
+    counts = bootstrap.draw(len(y), 300, 7, strata=y)
+    low2, high2 = bootstrap.percentile_ci(bootstrap.auc(y, score, counts))
     assert (low2, high2) == pytest.approx((low, high))
-    # straight-line percentile bootstrap
-    values = [roc_auc_score(y[r], score[r]) for r in idx]
+    # straight-line percentile bootstrap over the explicit resamples
+    values = [roc_auc_score(y[bootstrap.indices(r)], score[bootstrap.indices(r)]) for r in counts]
     assert (low, high) == pytest.approx(tuple(np.percentile(values, [2.5, 97.5])))
 
 
 def test_paired_bootstrap_identical_is_zero_and_matches_loop():
     y, score = _random(6, n=50)
     same = metrics.paired_bootstrap(y, score, score.copy(), n_boot=200, seed=1)
-    assert same["delta"] == 0 and same["ci_low"] == 0 and same["ci_high"] == 0
+    assert same["delta"] == 0 and same["ci_low"] == 0 and same["ci_high"] == 0 and same["p_value"] == 1.0
     other = score + np.random.default_rng(0).normal(0, 1, size=len(y))
-    result = metrics.paired_bootstrap(y, score, other, n_boot=200, seed=1)
-    idx = metrics.bootstrap_indices(len(y), 200, 1)
-    deltas = [roc_auc_score(y[r], other[r]) - roc_auc_score(y[r], score[r]) for r in idx]
+    patients = np.arange(len(y)) // 2
+    result = metrics.paired_bootstrap(y, score, other, n_boot=200, seed=1, clusters=patients)
+    counts = bootstrap.draw(len(y), 200, 1, clusters=patients, strata=y)
+    deltas = [roc_auc_score(y[bootstrap.indices(r)], other[bootstrap.indices(r)])
+              - roc_auc_score(y[bootstrap.indices(r)], score[bootstrap.indices(r)]) for r in counts]
     assert (result["ci_low"], result["ci_high"]) == pytest.approx(tuple(np.percentile(deltas, [2.5, 97.5])))
     assert result["delta"] == pytest.approx(roc_auc_score(y, other) - roc_auc_score(y, score))
+    assert result["p_value"] == pytest.approx((1 + np.sum(np.array(deltas) <= 0)) / 201)
     bacc = metrics.paired_bootstrap(y, score, score, metric="balanced_accuracy", threshold_a=0.2, threshold_b=0.2)
     assert bacc["delta"] == 0 and bacc["ci_low"] == 0
+
+
+def test_nan_threshold_gives_nan_balanced_accuracy_everywhere():
+    y, score = _random(8, n=40)
+    assert np.isnan(metrics.balanced_accuracy(y, score, float("nan")))
+    assert np.isnan(metrics.balanced_accuracy_resampled(y, score, float("nan"), np.arange(40)[None])).all()
+    result = metrics.paired_bootstrap(y, score, score, metric="balanced_accuracy", threshold_a=float("nan"),
+                                      threshold_b=0.2, n_boot=50)
+    assert np.isnan(result["a"]) and np.isnan(result["delta"]) and np.isnan(result["ci_low"])
 
 
 def _predictions(seed=0, single_class_site=None, single_class_train=None):
@@ -124,10 +137,14 @@ def test_molecular_table_layout_values_and_worst_site():
         assert row["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(part["y_true"], part["y_score"] >= 0.6))
         assert row["auc_ci_low"] <= row["auc"] <= row["auc_ci_high"]
         assert row["n"] == len(part) and row["n_pos"] == int(part["y_true"].sum())
-    per_site = table[table["site"].isin(["A", "B", "C"]) & (table["endpoint"] == "idh")]
+    per_site = table[table["site"].isin(["A", "B", "C"]) & (table["endpoint"] == "idh")].set_index("site")
     worst = table[(table["site"] == "worst") & (table["endpoint"] == "idh")].iloc[0]
-    assert worst["auc"] == per_site["auc"].min()
-    assert worst["worst_site"] == per_site.loc[per_site["auc"].idxmin(), "site"]
+    val = pred[(pred["split"] == "val") & (pred["endpoint"] == "idh")]
+    val_auc = {s: roc_auc_score(p["y_true"], p["y_score"]) for s, p in val.groupby("site")}
+    assert min(val_auc, key=val_auc.get) != per_site["auc"].idxmin()  # the data make the two rules differ
+    chosen = min(val_auc, key=val_auc.get)  # the worst site is chosen on validation, then scored on test
+    assert worst["worst_site"] == chosen and worst["auc"] == per_site.loc[chosen, "auc"]
+    assert "chosen on validation" in worst["note"]
     ki = table[(table["site"] == "all") & (table["endpoint"] == "ki67")].iloc[0]
     part = test[test["endpoint"] == "ki67"]
     assert ki["mae"] == pytest.approx(mean_absolute_error(part["y_true"], part["y_score"]))
