@@ -36,6 +36,7 @@ split, and test on every subject of the held-out site.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import json
 import time
@@ -51,11 +52,12 @@ from tqdm.auto import tqdm
 
 from nrfm.config import CONTINUOUS_ENDPOINTS, OBJECTIVES, PROTOCOLS, FinetuningConfig
 from nrfm.dro import GroupDRO, build_objective
+from nrfm.samplers import balanced_batches, balanced_row_probabilities, epoch_batches, importance_weights
 from nrfm.errors import CheckpointError, TrainingError
 from nrfm.files import atomic_torch_save, atomic_write_bytes, atomic_write_csv, atomic_write_json, safe_torch_load
 from nrfm.finetune_data import (GroupSpec, apply_in_batches, autocast, build_groups, cuts_of, frozen_inputs,
                                 to_device, regression_stats, split_backbone, standardise_targets,
-                                youden_thresholds, worst_site_mean_auc)
+                                worst_group_loss, youden_thresholds, worst_site_mean_auc)
 from nrfm.metrics import molecular_table
 
 CHECKPOINT_FORMAT = 1
@@ -106,15 +108,15 @@ class FitResult:
     history: list[dict[str, Any]]
     best_epoch: int
     groups: GroupSpec
+    setting: dict[str, float] = field(default_factory=dict)
+    val_worst_group_loss: float = float("nan")
+    search: list[dict[str, Any]] = field(default_factory=list)
+    selection_key: tuple[int, float] = (2, float("inf"))  # lower is better; compared across grid points
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
-    """Shuffled index batches; a last batch of one is merged into the previous one (BatchNorm needs two)."""
-    perm = torch.randperm(n, generator=generator)
-    batches = list(perm.split(batch_size))
-    if len(batches) > 1 and len(batches[-1]) < 2:
-        batches[-2] = torch.cat([batches[-2], batches.pop()])
-    return batches
+    """Shuffled index batches using every row exactly once; a last batch of one joins the previous one."""
+    return epoch_batches(n, batch_size, generator)
 
 
 def elementwise_loss(raw: Tensor, targets: Tensor, is_continuous: Tensor) -> tuple[Tensor, Tensor]:
@@ -135,10 +137,21 @@ def elementwise_loss(raw: Tensor, targets: Tensor, is_continuous: Tensor) -> tup
     return losses[known], known
 
 
+def _selection_key(worst_group: float, val_loss: float) -> tuple[int, float]:
+    """Lower is better: the worst-group validation loss; the mean validation loss only when no group qualifies."""
+    return (0, worst_group) if np.isfinite(worst_group) else (1, val_loss)
+
+
 def fit(backbone: nn.Module, inputs: Tensor, manifest: pd.DataFrame, train_rows: np.ndarray, val_rows: np.ndarray,
         cfg: FinetuningConfig, objective: str, device: torch.device, seed: int, progress: bool = True,
         desc: str = "finetune") -> FitResult:
-    """Fine-tune ``backbone`` (modified in place) with heads on ``train_rows``, selecting on ``val_rows``.
+    """Fine-tune ``backbone`` (modified in place) with heads on ``train_rows``, selecting the epoch on ``val_rows``.
+
+    One point of the regularisation grid: ``cfg.weight_decay``, ``cfg.dro_eta`` and ``cfg.dro_adjustment``
+    (:func:`search_fit` runs the whole grid). ERM sees every training row once per epoch in shuffled batches;
+    reweighted ERM and group DRO see as many group-balanced draws (:mod:`nrfm.samplers`), with the sampler's
+    importance weights in their group means. The kept epoch has the lowest worst-group validation loss
+    (:func:`nrfm.finetune_data.worst_group_loss`).
 
     Args:
         inputs: (N, ...) inputs of the trainable part for every manifest row (see :func:`split_backbone`).
@@ -159,7 +172,13 @@ def fit(backbone: nn.Module, inputs: Tensor, manifest: pd.DataFrame, train_rows:
     targets = standardise_targets(manifest, endpoints, mean, std)  # (N, E) NaN = unknown
     groups = build_groups(manifest, endpoints, train_rows, cfg.dro_groups, cuts)
     obj = build_objective(objective, len(groups.names), groups.counts, cfg.dro_eta, cfg.dro_adjustment,
-                          groups.names).to(device)
+                          groups.names, groups.task).to(device)
+    train_index = groups.index[train_rows]  # (n_train, E) group of each training label, -1 unknown
+    if objective == "erm":
+        probabilities, label_weight = None, None
+    else:
+        probabilities = balanced_row_probabilities(train_index, groups.task, groups.counts)
+        label_weight, _ = importance_weights(train_index, groups.counts, probabilities)
     trainable = [p for m in split.tail_modules for p in m.parameters()]
     for p in model.backbone.parameters():
         p.requires_grad_(False)
@@ -170,7 +189,8 @@ def fit(backbone: nn.Module, inputs: Tensor, manifest: pd.DataFrame, train_rows:
                                   weight_decay=cfg.weight_decay, foreach=True)  # one fused update, not per tensor
     generator = torch.Generator().manual_seed(seed)
     val_y = manifest.iloc[val_rows]
-    history, best, best_state, best_epoch = [], -np.inf, None, 0
+    val_targets, val_index = targets[val_rows].to(device), groups.index[val_rows]
+    history, best, best_state, best_epoch, best_worst = [], (2, np.inf), None, 0, float("nan")
     bar = tqdm(range(1, cfg.epochs + 1), desc=desc, disable=not progress, leave=False)
     for epoch in bar:
         model.train()
@@ -179,15 +199,19 @@ def fit(backbone: nn.Module, inputs: Tensor, manifest: pd.DataFrame, train_rows:
             m.train()
         obj.train()
         total, count = 0.0, 0
-        for batch in _batches(len(train_rows), cfg.batch_size, generator):
-            rows = train_rows[batch.numpy()]
+        batches = (_batches(len(train_rows), cfg.batch_size, generator) if probabilities is None
+                   else balanced_batches(probabilities, len(train_rows), cfg.batch_size, generator))
+        for batch in batches:
+            positions = batch.numpy()
+            rows = train_rows[positions]
             x = to_device(inputs[rows], device, cfg.channels_last)
             with autocast(device, cfg.bf16):
                 raw = model.head_outputs(split.tail(x)).float()
             losses, known = elementwise_loss(raw, targets[rows].to(device), model.is_continuous)
             if losses.numel() == 0:
                 continue
-            loss = obj.loss(losses, groups.index[rows].to(device)[known])
+            weight = None if label_weight is None else label_weight[positions].to(device)[known]
+            loss = obj.loss(losses, train_index[positions].to(device)[known], weight)
             if not torch.isfinite(loss):
                 raise TrainingError(f"{desc}: non-finite loss at epoch {epoch}; lower finetuning.lr or "
                                     "finetuning.dro_eta")
@@ -198,22 +222,74 @@ def fit(backbone: nn.Module, inputs: Tensor, manifest: pd.DataFrame, train_rows:
         model.eval()
         raw_val = apply_in_batches(lambda z: model.head_outputs(split.tail(z)), inputs[val_rows], device,
                                    cfg.bf16, cfg.channels_last)
-        score, per_site = worst_site_mean_auc(val_y, endpoints, model.to_output(raw_val.to(device)).cpu(), cuts)
-        val_losses, _ = elementwise_loss(raw_val.to(device), targets[val_rows].to(device), model.is_continuous)
+        val_losses, val_known = elementwise_loss(raw_val.to(device), val_targets, model.is_continuous)
+        worst, per_group = worst_group_loss(val_losses.detach().cpu(), val_index[val_known.cpu()], groups,
+                                            cfg.select_min_group_labels)
+        auc_score, per_site = worst_site_mean_auc(val_y, endpoints, model.to_output(raw_val.to(device)).cpu(), cuts)
         entry = {"epoch": epoch, "train_loss": total / max(count, 1), "val_loss": float(val_losses.mean()),
-                 "val_worst_site_auc": score, "val_site_auc": per_site}
+                 "val_worst_group_loss": worst, "val_group_loss": per_group,
+                 "val_worst_site_auc": auc_score, "val_site_auc": per_site}
         if isinstance(obj, GroupDRO):
             entry["q"] = obj.q.detach().cpu().tolist()
         history.append(entry)
-        # NaN (no site evaluable) never beats a number; then the first epoch with the lowest val loss wins
-        key = score if np.isfinite(score) else -1e9 - entry["val_loss"]
-        if key > best:
-            best, best_epoch = key, epoch
+        key = _selection_key(worst, entry["val_loss"])
+        if key < best:  # ties keep the earlier epoch
+            best, best_epoch, best_worst = key, epoch, worst
             best_state = copy.deepcopy(model.state_dict())
-        bar.set_postfix(loss=f"{entry['train_loss']:.3f}", val=f"{score:.3f}")
+        bar.set_postfix(loss=f"{entry['train_loss']:.3f}", val=f"{worst:.3f}")
     model.load_state_dict(best_state)
     model.eval()
-    return FitResult(model, obj, history, best_epoch, groups)
+    return FitResult(model, obj, history, best_epoch, groups, val_worst_group_loss=best_worst, selection_key=best)
+
+
+def setting_label(objective: str, setting: dict[str, float]) -> str:
+    """Short name of a grid point, e.g. ``weight_decay=0.01 eta=0.1 C=0`` (eta and C for group DRO only)."""
+    label = f"weight_decay={setting['weight_decay']:g}"
+    if objective == "dro":
+        label += f" eta={setting['dro_eta']:g} C={setting['dro_adjustment']:g}"
+    return label
+
+
+def search_fit(backbone: nn.Module, inputs: Tensor, manifest: pd.DataFrame, train_rows: np.ndarray,
+               val_rows: np.ndarray, cfg: FinetuningConfig, objective: str, device: torch.device, seed: int,
+               progress: bool = True, desc: str = "finetune") -> FitResult:
+    """:func:`fit` once per point of ``cfg.settings(objective)``; keep the lowest worst-group validation loss.
+
+    Every point starts from its own copy of ``backbone`` (left unchanged) with the same seed, so the points of
+    one objective see the same batches and initial heads. Ties keep the earlier point of the grid. The returned
+    result carries the chosen ``setting`` and a ``search`` row per point (setting, best epoch, score).
+    """
+    best, rows = None, []
+    for setting in cfg.settings(objective):
+        label = setting_label(objective, setting)
+        point = dataclasses.replace(cfg, **setting)
+        result = fit(copy.deepcopy(backbone), inputs, manifest, train_rows, val_rows, point, objective, device,
+                     seed, progress, desc=f"{desc} {label}")
+        result.setting = {"setting": label, **setting}
+        rows.append({"setting": label, **setting, "best_epoch": result.best_epoch,
+                     "val_worst_group_loss": result.val_worst_group_loss, "chosen": False})
+        if best is None or result.selection_key < best.selection_key:
+            best = result
+    for row in rows:
+        row["chosen"] = row["setting"] == best.setting["setting"]
+    best.search = rows
+    return best
+
+
+def _write_selection(ctx, method: str, objective: str, protocol: str, rows: list[dict[str, Any]]) -> None:
+    """Replace this (backbone, objective, protocol)'s rows of ``metrics/finetune_selection.csv``."""
+    frame = pd.DataFrame(rows, columns=SELECTION_COLUMNS)
+    path = ctx.metrics_dir / "finetune_selection.csv"
+    if path.is_file() and path.stat().st_size > 0:
+        old = pd.read_csv(path, dtype={"backbone": str, "objective": str, "protocol": str, "fold": str})
+        stale = (old["backbone"] == method) & (old["objective"] == objective) & (old["protocol"] == protocol)
+        frame = pd.concat([old[~stale], frame], ignore_index=True)
+    frame = frame.sort_values(["backbone", "objective", "protocol", "fold", "setting"], kind="stable")
+    atomic_write_csv(path, frame.reset_index(drop=True))
+
+
+SELECTION_COLUMNS = ["backbone", "objective", "protocol", "fold", "setting", "weight_decay", "dro_eta",
+                     "dro_adjustment", "best_epoch", "val_worst_group_loss", "chosen"]
 
 
 # -------------------------------------------------------------------------------------------------- stage
@@ -305,9 +381,12 @@ def run_finetune_stage(ctx, method: str, objective: str, protocol: str, progress
         emb = apply_in_batches(lambda z: split.tail(z), inputs, device, cfg.bf16, cfg.channels_last)
         _write_embeddings(ctx.artifacts_dir / f"embeddings_{method}_pretrained.npz", manifest, emb)
     endpoints, frames, history, checkpoint, notes = tuple(cfg.endpoints), [], {}, None, []
+    selection: list[dict[str, Any]] = []
     for k, (fold, train, val, test) in enumerate(_fold_rows(manifest, protocol)):
-        result = fit(copy.deepcopy(backbone), inputs, manifest, train, val, cfg, objective, device,
-                     seed=ctx.config.seed + k, progress=progress, desc=f"{method}/{objective}/{fold}")
+        result = search_fit(backbone, inputs, manifest, train, val, cfg, objective, device,
+                            seed=ctx.config.seed + k, progress=progress, desc=f"{method}/{objective}/{fold}")
+        selection += [{"backbone": method, "objective": objective, "protocol": protocol, "fold": fold, **row}
+                      for row in result.search]
         tail = split_backbone(result.model.backbone, cfg.mode).tail
         raw = apply_in_batches(lambda z: result.model.head_outputs(tail(z)), inputs, device, cfg.bf16,
                                cfg.channels_last)
@@ -315,7 +394,8 @@ def run_finetune_stage(ctx, method: str, objective: str, protocol: str, progress
         thresholds = youden_thresholds(manifest.iloc[val], endpoints, outputs[val], cuts_of(cfg))
         frames.append(_predictions(manifest, outputs, fold, train, val, test, endpoints, thresholds, ctx.config.seed))
         history[fold] = {"epochs": result.history, "best_epoch": result.best_epoch, "groups": result.groups.names,
-                         "group_counts": result.groups.counts.tolist()}
+                         "group_counts": result.groups.counts.tolist(), "group_task": result.groups.task.tolist(),
+                         "tasks": result.groups.task_names, "setting": result.setting, "search": result.search}
         if protocol == "pooled":
             emb = apply_in_batches(tail, inputs, device, cfg.bf16, cfg.channels_last)
             _write_embeddings(ctx.artifacts_dir / f"embeddings_{method}_{objective}.npz", manifest, emb)
@@ -327,6 +407,7 @@ def run_finetune_stage(ctx, method: str, objective: str, protocol: str, progress
                 "objective_state": {k2: v.cpu() for k2, v in result.objective.state_dict().items()},
                 "groups": result.groups.names, "best_epoch": result.best_epoch,
                 "config_sha256": ctx.config.sha256()})
+    _write_selection(ctx, method, objective, protocol, selection)
     predictions = pd.concat(frames, ignore_index=True)
     pred_path = atomic_write_csv(ctx.artifacts_dir / f"predictions_{method}_{objective}_{protocol}.csv", predictions)
     atomic_write_json(ctx.artifacts_dir / f"history_{method}_{objective}_{protocol}.json",

@@ -51,7 +51,8 @@ def fake_context(tmp_path, n=60, seed=0, **finetuning):
     images = rng.normal(size=(n, 4, SIZE, SIZE, SIZE)).astype(np.float32)
     images[:, 0] += latent[:, None, None, None]
     data = [{"image": images[i], "index": i} for i in range(n)]
-    cfg = Config(finetuning=FinetuningConfig(**{"epochs": 2, "batch_size": 8, **finetuning}),
+    one_point = {"search_weight_decay": (), "search_dro_eta": ()}  # the search has its own test
+    cfg = Config(finetuning=FinetuningConfig(**{"epochs": 2, "batch_size": 8, **one_point, **finetuning}),
                  analyses=AnalysesConfig(bootstrap=20))
     return RunContext(config=cfg, run_dir=tmp_path, manifest=df, cohort_dir=tmp_path, _dataset=data)
 
@@ -135,7 +136,10 @@ def test_end_to_end_artifacts_and_round_trip(tmp_path):
     path = ctx.checkpoints_dir / "byol" / "finetune_dro_pooled.pt"
     raw = torch.load(path, weights_only=True)
     assert raw["objective_state"]["q"].shape == (len(raw["groups"]),)
-    assert raw["objective_state"]["q"].sum().item() == pytest.approx(1.0)
+    q, task = raw["objective_state"]["q"], raw["objective_state"]["task"]
+    assert task.shape == q.shape and [g.split("|")[0] for g in raw["groups"]] == [ENDPOINTS[t] for t in task]
+    for t in task.unique():  # one distribution over site x class groups per endpoint
+        assert q[task == t].sum().item() == pytest.approx(1.0, abs=1e-5)
     model = load_finetuned(ctx, "byol", "dro", backbone=TinyBackbone())
     assert isinstance(model, FinetuneModel) and model.endpoints == ENDPOINTS
     x = torch.from_numpy(np.stack([ctx.dataset()[i]["image"] for i in range(4)]))
