@@ -112,6 +112,8 @@ class FitResult:
     val_worst_group_loss: float = float("nan")
     search: list[dict[str, Any]] = field(default_factory=list)
     selection_key: tuple[int, float] = (2, float("inf"))  # lower is better; compared across grid points
+    val_worst_site_auc: float = float("nan")  # of the kept model, for the record
+    val_site_auc: dict[str, float] = field(default_factory=dict)
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
@@ -225,21 +227,24 @@ def fit(backbone: nn.Module, inputs: Tensor, manifest: pd.DataFrame, train_rows:
         val_losses, val_known = elementwise_loss(raw_val.to(device), val_targets, model.is_continuous)
         worst, per_group = worst_group_loss(val_losses.detach().cpu(), val_index[val_known.cpu()], groups,
                                             cfg.select_min_group_labels)
-        auc_score, per_site = worst_site_mean_auc(val_y, endpoints, model.to_output(raw_val.to(device)).cpu(), cuts)
         entry = {"epoch": epoch, "train_loss": total / max(count, 1), "val_loss": float(val_losses.mean()),
-                 "val_worst_group_loss": worst, "val_group_loss": per_group,
-                 "val_worst_site_auc": auc_score, "val_site_auc": per_site}
+                 "val_worst_group_loss": worst, "val_group_loss": per_group}
         if isinstance(obj, GroupDRO):
             entry["q"] = obj.q.detach().cpu().tolist()
         history.append(entry)
         key = _selection_key(worst, entry["val_loss"])
         if key < best:  # ties keep the earlier epoch
             best, best_epoch, best_worst = key, epoch, worst
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         bar.set_postfix(loss=f"{entry['train_loss']:.3f}", val=f"{worst:.3f}")
     model.load_state_dict(best_state)
     model.eval()
-    return FitResult(model, obj, history, best_epoch, groups, val_worst_group_loss=best_worst, selection_key=best)
+    # the worst-site mean validation AUC of the kept model, for the record only (selection is on the loss)
+    raw_val = apply_in_batches(lambda z: model.head_outputs(split.tail(z)), inputs[val_rows], device, cfg.bf16,
+                               cfg.channels_last)
+    auc_score, per_site = worst_site_mean_auc(val_y, endpoints, model.to_output(raw_val.to(device)).cpu(), cuts)
+    return FitResult(model, obj, history, best_epoch, groups, val_worst_group_loss=best_worst, selection_key=best,
+                     val_worst_site_auc=auc_score, val_site_auc=per_site)
 
 
 def setting_label(objective: str, setting: dict[str, float]) -> str:
@@ -395,7 +400,8 @@ def run_finetune_stage(ctx, method: str, objective: str, protocol: str, progress
         frames.append(_predictions(manifest, outputs, fold, train, val, test, endpoints, thresholds, ctx.config.seed))
         history[fold] = {"epochs": result.history, "best_epoch": result.best_epoch, "groups": result.groups.names,
                          "group_counts": result.groups.counts.tolist(), "group_task": result.groups.task.tolist(),
-                         "tasks": result.groups.task_names, "setting": result.setting, "search": result.search}
+                         "tasks": result.groups.task_names, "setting": result.setting, "search": result.search,
+                         "val_worst_site_auc": result.val_worst_site_auc, "val_site_auc": result.val_site_auc}
         if protocol == "pooled":
             emb = apply_in_batches(tail, inputs, device, cfg.bf16, cfg.channels_last)
             _write_embeddings(ctx.artifacts_dir / f"embeddings_{method}_{objective}.npz", manifest, emb)
