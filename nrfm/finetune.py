@@ -6,28 +6,37 @@ with the training mean and SD (so the squared error of a constant prediction is 
 chance-level BCE of 0.69, and group DRO sees comparable losses). Unknown labels are masked from the loss.
 
 **Groups and the multi-task objective.** Each known label of a training subject is one loss element, and
-each element belongs to one group ``(endpoint, site, class)`` (``dro_groups = site_class``; ``site``
-drops the class, ``class`` drops the site); continuous endpoints take their class from the binarized
-label (``>= ki67_threshold`` / ``tp53_ihc_threshold``). One :class:`~nrfm.dro.GroupDRO` runs over all
-groups that have training examples, so q can move weight to, e.g., CDKN2A/B-positive subjects of the rare
-site, exactly the imbalance the paper targets. ERM is the plain mean over all known elements.
+each element belongs to one group of its endpoint: ``(site, class)`` (``dro_groups = site_class``; ``site``
+drops the class, ``class`` drops the site); continuous endpoints take their class from the binarized label
+(``>= ki67_threshold`` / ``tp53_ihc_threshold``). :class:`~nrfm.dro.GroupDRO` keeps one q per endpoint over that
+endpoint's groups and averages the endpoints' robust losses with equal weights (its docstring says why), so q
+can move weight to, e.g., CDKN2A/B-positive subjects of the rare site. ERM is the plain mean over all known
+elements; reweighted ERM weights each element by 1 / n_g within its endpoint and averages endpoints equally.
+
+**Batches** (:mod:`nrfm.samplers`). ERM: every training row exactly once per epoch, shuffled. Reweighted ERM and
+group DRO: as many group-balanced draws with replacement (Sagawa et al.'s ``--reweight_groups``, multi-task form
+in :mod:`nrfm.samplers`), with the sampler's importance weights in the group means.
 
 **Modes** (``FinetuningConfig.mode``):
 
 * ``partial`` (default): the backbone's early stages are frozen and their output is computed once per
   backbone; the last stage (ResNet ``layer4``; the last ViT block and final norm) and the heads are trained.
   DRO can therefore change the embedding (needed by the site-invariance analysis) while every run costs a
-  fraction of full fine-tuning: the whole stage (4 backbones x {ERM, DRO} x pooled + LOSO) fits in minutes
-  on 2 CPU cores. No augmentation (inputs are fixed features; the same for ERM and DRO).
+  fraction of full fine-tuning: the whole stage (4 backbones x three objectives x grid x pooled + LOSO) fits in
+  minutes on 2 CPU cores. No augmentation (inputs are fixed features; the same for every objective).
 * ``linear``: frozen backbone, heads only (embeddings identical to the pretrained ones).
 * ``full``: every backbone weight is trained on the volumes (slow on a CPU; no augmentation).
 
 The backbone is trained at ``lr * backbone_lr_scale``, the heads at ``lr`` (AdamW).
 
-**Model selection** (the same rule for every objective: the fair comparison): after every epoch the
-validation subjects are scored, and the epoch with the highest *worst-site mean AUC* is kept: for each site,
-the mean AUC over endpoints with both classes in that site's validation labels (continuous endpoints
-binarized), then the minimum over sites. Decision thresholds are then chosen on validation by Youden's J.
+**Model selection** (the same rule for every objective: the fair comparison). Each objective is fitted once
+per point of its regularisation grid (``FinetuningConfig.settings``: weight decay; for group DRO also eta and C),
+each from the same pretrained weights and seed. After every epoch the validation subjects are scored, and the
+epoch and grid point with the lowest *worst-group validation loss* are kept
+(:func:`~nrfm.finetune_data.worst_group_loss`: per endpoint the highest mean loss among its groups with at least
+``select_min_group_labels`` validation labels, averaged over endpoints; the mean validation loss only if no group
+qualifies). Every point's score goes to ``metrics/finetune_selection.csv``. Decision thresholds are then chosen
+on validation by Youden's J.
 
 **Protocols.** ``pooled``: train on the train split of all sites, select on val, test on the test split
 (reported per site). ``loso``: for each site, train on the other sites' train split, select on their val

@@ -2,8 +2,9 @@
 
 * :func:`training_curves_figure`: training loss and worst-group validation loss per epoch, per objective.
 * :func:`group_weights_figure`: group DRO's weights q over training (per endpoint; the groups it up-weights).
-* :func:`roc_figure`: test ROC curves per site and endpoint, ERM vs DRO.
-* :func:`molecular_paper_table`: rows endpoints, columns site x backbone x {ERM, +DRO}, plus the oracle AUC.
+* :func:`roc_figure`: test ROC curves per site and endpoint, one curve per objective.
+* :func:`molecular_paper_table`: rows endpoints, columns site x backbone x {ERM, reweighted, +DRO}, plus the
+  oracle AUC.
 * :func:`dro_deltas`: DRO minus ERM per backbone, site and endpoint with paired-bootstrap 95% CIs.
 """
 from __future__ import annotations
@@ -100,12 +101,14 @@ def group_weights_figure(ctx, method: str, protocol: str = "pooled", fold: str |
 
 
 def roc_figure(ctx, method: str, protocol: str = "pooled", endpoints: Sequence[str] | None = None,
-               objectives: Sequence[str] = ("erm", "dro"), save: bool = True) -> plt.Figure:
+               objectives: Sequence[str] | None = None, save: bool = True) -> plt.Figure:
     """Test ROC curves, one panel per (endpoint, site), one curve per objective (AUC in the legend).
 
-    Continuous endpoints are binarized at the configured cuts. Saved as ``figures/roc_{method}_{protocol}.png``.
+    Continuous endpoints are binarized at the configured cuts; ``objectives`` default to the configured ones.
+    Saved as ``figures/roc_{method}_{protocol}.png``.
     """
     cuts = cuts_of(ctx.config.finetuning)
+    objectives = tuple(objectives or ctx.config.finetuning.objectives)
     frames = {o: _predictions(ctx, method, o, protocol) for o in objectives}
     frames = {o: f[f["split"] == "test"] for o, f in frames.items() if f is not None}
     endpoints = list(endpoints or [e for e in ENDPOINTS if any(e in set(f["endpoint"]) for f in frames.values())])
@@ -138,7 +141,9 @@ def roc_figure(ctx, method: str, protocol: str = "pooled", endpoints: Sequence[s
 
 def molecular_paper_table(ctx, protocol: str = "pooled", metric: str = "auc", sites: Sequence[str] | None = None,
                           with_ci: bool = True) -> pd.DataFrame:
-    """The paper-style table from ``metrics/molecular.csv``: rows endpoints, columns (site, backbone, ERM/+DRO).
+    """The paper-style table from ``metrics/molecular.csv``: rows endpoints, columns (site, backbone, objective).
+
+    Objectives in the order ERM, reweighted, +DRO (those the metrics hold).
 
     Cells are ``value [ci_low, ci_high]`` strings (``with_ci``) or numbers; an ``oracle`` column per site gives
     the synthetic cohort's Bayes-limit AUC on the same test subjects when it exists. Empty cells are metrics
@@ -149,13 +154,14 @@ def molecular_paper_table(ctx, protocol: str = "pooled", metric: str = "auc", si
     table = ctx.read_metrics("molecular")
     if table is None or table.empty:
         return pd.DataFrame()
-    table = table[(table["protocol"] == protocol) & table["objective"].isin(["erm", "dro"])]
+    objectives = [o for o in ("erm", "reweighted", "dro") if o in set(table["objective"])]
+    table = table[(table["protocol"] == protocol) & table["objective"].isin(objectives)]
     sites = list(sites or [s for s in table["site"].unique() if s != "worst"] + ["worst"])
     columns, cells = [], {}
     for site in sites:
         part = table[table["site"] == site]
         for backbone in sorted(part["backbone"].unique()):
-            for objective in ("erm", "dro"):
+            for objective in objectives:
                 rows = part[(part["backbone"] == backbone) & (part["objective"] == objective)].set_index("endpoint")
                 if rows.empty:
                     continue
