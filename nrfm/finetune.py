@@ -153,6 +153,121 @@ def _selection_key(worst_group: float, val_loss: float) -> tuple[int, float]:
     return (0, worst_group) if np.isfinite(worst_group) else (1, val_loss)
 
 
+class _Training:
+    """One fine-tuning run that can be advanced epoch by epoch (the search stops some runs early).
+
+    ``advance(epoch)`` trains up to that epoch, scoring validation after each; ``result()`` loads the kept epoch.
+    See :func:`fit` for what one epoch does.
+    """
+
+    def __init__(self, backbone: nn.Module, inputs: Tensor, manifest: pd.DataFrame, train_rows: np.ndarray,
+                 val_rows: np.ndarray, cfg: FinetuningConfig, objective: str, device: torch.device, seed: int,
+                 progress: bool, desc: str):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; valid: {list(OBJECTIVES)}")
+        self.cfg, self.device, self.desc, self.progress = cfg, device, desc, progress
+        self.inputs, self.manifest, self.train_rows, self.val_rows = inputs, manifest, train_rows, val_rows
+        self.endpoints = tuple(cfg.endpoints)
+        self.cuts = cuts_of(cfg)
+        torch.manual_seed(seed)
+        mean, std = regression_stats(manifest.iloc[train_rows], self.endpoints)
+        self.model = model = FinetuneModel(backbone, self.endpoints, mean, std).to(device)
+        self.split = split_backbone(model.backbone, cfg.mode)
+        if cfg.channels_last:
+            model.backbone.to(memory_format=torch.channels_last_3d)
+        self.targets = standardise_targets(manifest, self.endpoints, mean, std)  # (N, E) NaN = unknown
+        self.groups = groups = build_groups(manifest, self.endpoints, train_rows, cfg.dro_groups, self.cuts)
+        self.objective = build_objective(objective, len(groups.names), groups.counts, cfg.dro_eta,
+                                         cfg.dro_adjustment, groups.names, groups.task).to(device)
+        self.train_index = groups.index[train_rows]  # (n_train, E) group of each training label, -1 unknown
+        if objective == "erm":
+            self.probabilities, self.label_weight = None, None
+        else:
+            self.probabilities = balanced_row_probabilities(self.train_index, groups.task, groups.counts)
+            self.label_weight, _ = importance_weights(self.train_index, groups.counts, self.probabilities)
+        trainable = [p for m in self.split.tail_modules for p in m.parameters()]
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+        for p in trainable:
+            p.requires_grad_(True)
+        self.optimizer = torch.optim.AdamW([{"params": list(model.heads.parameters()), "lr": cfg.lr},
+                                            {"params": trainable, "lr": cfg.lr * cfg.backbone_lr_scale}],
+                                           weight_decay=cfg.weight_decay, foreach=True)  # one fused update
+        self.generator = torch.Generator().manual_seed(seed)
+        self.val_targets, self.val_index = self.targets[val_rows].to(device), groups.index[val_rows]
+        self.history: list[dict[str, Any]] = []
+        self.best, self.best_state, self.best_epoch, self.best_worst = (2, np.inf), None, 0, float("nan")
+        self.epoch = 0
+
+    def _train_epoch(self) -> float:
+        cfg, model, device, obj = self.cfg, self.model, self.device, self.objective
+        model.train()
+        model.backbone.eval()  # frozen stages keep their BatchNorm statistics
+        for m in self.split.tail_modules:
+            m.train()
+        obj.train()
+        n = len(self.train_rows)
+        batches = (_batches(n, cfg.batch_size, self.generator) if self.probabilities is None
+                   else balanced_batches(self.probabilities, n, cfg.batch_size, self.generator))
+        total, count = 0.0, 0
+        for batch in batches:
+            positions = batch.numpy()
+            rows = self.train_rows[positions]
+            x = to_device(self.inputs[rows], device, cfg.channels_last)
+            with autocast(device, cfg.bf16):
+                raw = model.head_outputs(self.split.tail(x)).float()
+            losses, known = elementwise_loss(raw, self.targets[rows].to(device), model.is_continuous)
+            if losses.numel() == 0:
+                continue
+            weight = None if self.label_weight is None else self.label_weight[positions].to(device)[known]
+            loss = obj.loss(losses, self.train_index[positions].to(device)[known], weight)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"{self.desc}: non-finite loss at epoch {self.epoch + 1}; lower finetuning.lr "
+                                    "or finetuning.dro_eta")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total, count = total + float(loss.detach()) * len(rows), count + len(rows)
+        return total / max(count, 1)
+
+    def _validation_outputs(self) -> Tensor:
+        return apply_in_batches(lambda z: self.model.head_outputs(self.split.tail(z)), self.inputs[self.val_rows],
+                                self.device, self.cfg.bf16, self.cfg.channels_last)
+
+    def advance(self, until_epoch: int) -> None:
+        """Train (and score validation after each epoch) up to ``until_epoch``."""
+        bar = tqdm(range(self.epoch + 1, until_epoch + 1), desc=self.desc, disable=not self.progress, leave=False)
+        for epoch in bar:
+            train_loss = self._train_epoch()
+            self.epoch = epoch
+            self.model.eval()
+            raw_val = self._validation_outputs()
+            val_losses, val_known = elementwise_loss(raw_val.to(self.device), self.val_targets, self.model.is_continuous)
+            worst, per_group = worst_group_loss(val_losses.detach().cpu(), self.val_index[val_known.cpu()], self.groups,
+                                                self.cfg.select_min_group_labels)
+            entry = {"epoch": epoch, "train_loss": train_loss, "val_loss": float(val_losses.mean()),
+                     "val_worst_group_loss": worst, "val_group_loss": per_group}
+            if isinstance(self.objective, GroupDRO):
+                entry["q"] = self.objective.q.detach().cpu().tolist()
+            self.history.append(entry)
+            key = _selection_key(worst, entry["val_loss"])
+            if key < self.best:  # ties keep the earlier epoch
+                self.best, self.best_epoch, self.best_worst = key, epoch, worst
+                self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{worst:.3f}")
+
+    def result(self) -> FitResult:
+        """The model at the kept epoch (eval mode), with the history and its worst-site validation AUC."""
+        self.model.load_state_dict(self.best_state)
+        self.model.eval()
+        # the worst-site mean validation AUC of the kept model, for the record only (selection is on the loss)
+        scores = self.model.to_output(self._validation_outputs().to(self.device)).cpu()
+        auc_score, per_site = worst_site_mean_auc(self.manifest.iloc[self.val_rows], self.endpoints, scores, self.cuts)
+        return FitResult(self.model, self.objective, self.history, self.best_epoch, self.groups,
+                         val_worst_group_loss=self.best_worst, selection_key=self.best,
+                         val_worst_site_auc=auc_score, val_site_auc=per_site)
+
+
 def fit(backbone: nn.Module, inputs: Tensor, manifest: pd.DataFrame, train_rows: np.ndarray, val_rows: np.ndarray,
         cfg: FinetuningConfig, objective: str, device: torch.device, seed: int, progress: bool = True,
         desc: str = "finetune") -> FitResult:
@@ -170,90 +285,9 @@ def fit(backbone: nn.Module, inputs: Tensor, manifest: pd.DataFrame, train_rows:
         train_rows, val_rows: integer row positions.
         objective: ``erm``, ``reweighted`` or ``dro``.
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; valid: {list(OBJECTIVES)}")
-    endpoints = tuple(cfg.endpoints)
-    cuts = cuts_of(cfg)
-    torch.manual_seed(seed)
-    mean, std = regression_stats(manifest.iloc[train_rows], endpoints)
-    model = FinetuneModel(backbone, endpoints, mean, std).to(device)
-    split = split_backbone(model.backbone, cfg.mode)
-    if cfg.channels_last:
-        model.backbone.to(memory_format=torch.channels_last_3d)
-    targets = standardise_targets(manifest, endpoints, mean, std)  # (N, E) NaN = unknown
-    groups = build_groups(manifest, endpoints, train_rows, cfg.dro_groups, cuts)
-    obj = build_objective(objective, len(groups.names), groups.counts, cfg.dro_eta, cfg.dro_adjustment,
-                          groups.names, groups.task).to(device)
-    train_index = groups.index[train_rows]  # (n_train, E) group of each training label, -1 unknown
-    if objective == "erm":
-        probabilities, label_weight = None, None
-    else:
-        probabilities = balanced_row_probabilities(train_index, groups.task, groups.counts)
-        label_weight, _ = importance_weights(train_index, groups.counts, probabilities)
-    trainable = [p for m in split.tail_modules for p in m.parameters()]
-    for p in model.backbone.parameters():
-        p.requires_grad_(False)
-    for p in trainable:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW([{"params": list(model.heads.parameters()), "lr": cfg.lr},
-                                   {"params": trainable, "lr": cfg.lr * cfg.backbone_lr_scale}],
-                                  weight_decay=cfg.weight_decay, foreach=True)  # one fused update, not per tensor
-    generator = torch.Generator().manual_seed(seed)
-    val_y = manifest.iloc[val_rows]
-    val_targets, val_index = targets[val_rows].to(device), groups.index[val_rows]
-    history, best, best_state, best_epoch, best_worst = [], (2, np.inf), None, 0, float("nan")
-    bar = tqdm(range(1, cfg.epochs + 1), desc=desc, disable=not progress, leave=False)
-    for epoch in bar:
-        model.train()
-        model.backbone.eval()  # frozen stages keep their BatchNorm statistics
-        for m in split.tail_modules:
-            m.train()
-        obj.train()
-        total, count = 0.0, 0
-        batches = (_batches(len(train_rows), cfg.batch_size, generator) if probabilities is None
-                   else balanced_batches(probabilities, len(train_rows), cfg.batch_size, generator))
-        for batch in batches:
-            positions = batch.numpy()
-            rows = train_rows[positions]
-            x = to_device(inputs[rows], device, cfg.channels_last)
-            with autocast(device, cfg.bf16):
-                raw = model.head_outputs(split.tail(x)).float()
-            losses, known = elementwise_loss(raw, targets[rows].to(device), model.is_continuous)
-            if losses.numel() == 0:
-                continue
-            weight = None if label_weight is None else label_weight[positions].to(device)[known]
-            loss = obj.loss(losses, train_index[positions].to(device)[known], weight)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"{desc}: non-finite loss at epoch {epoch}; lower finetuning.lr or "
-                                    "finetuning.dro_eta")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, count = total + float(loss.detach()) * len(rows), count + len(rows)
-        model.eval()
-        raw_val = apply_in_batches(lambda z: model.head_outputs(split.tail(z)), inputs[val_rows], device,
-                                   cfg.bf16, cfg.channels_last)
-        val_losses, val_known = elementwise_loss(raw_val.to(device), val_targets, model.is_continuous)
-        worst, per_group = worst_group_loss(val_losses.detach().cpu(), val_index[val_known.cpu()], groups,
-                                            cfg.select_min_group_labels)
-        entry = {"epoch": epoch, "train_loss": total / max(count, 1), "val_loss": float(val_losses.mean()),
-                 "val_worst_group_loss": worst, "val_group_loss": per_group}
-        if isinstance(obj, GroupDRO):
-            entry["q"] = obj.q.detach().cpu().tolist()
-        history.append(entry)
-        key = _selection_key(worst, entry["val_loss"])
-        if key < best:  # ties keep the earlier epoch
-            best, best_epoch, best_worst = key, epoch, worst
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        bar.set_postfix(loss=f"{entry['train_loss']:.3f}", val=f"{worst:.3f}")
-    model.load_state_dict(best_state)
-    model.eval()
-    # the worst-site mean validation AUC of the kept model, for the record only (selection is on the loss)
-    raw_val = apply_in_batches(lambda z: model.head_outputs(split.tail(z)), inputs[val_rows], device, cfg.bf16,
-                               cfg.channels_last)
-    auc_score, per_site = worst_site_mean_auc(val_y, endpoints, model.to_output(raw_val.to(device)).cpu(), cuts)
-    return FitResult(model, obj, history, best_epoch, groups, val_worst_group_loss=best_worst, selection_key=best,
-                     val_worst_site_auc=auc_score, val_site_auc=per_site)
+    run = _Training(backbone, inputs, manifest, train_rows, val_rows, cfg, objective, device, seed, progress, desc)
+    run.advance(cfg.epochs)
+    return run.result()
 
 
 def setting_label(objective: str, setting: dict[str, float]) -> str:
@@ -267,25 +301,37 @@ def setting_label(objective: str, setting: dict[str, float]) -> str:
 def search_fit(backbone: nn.Module, inputs: Tensor, manifest: pd.DataFrame, train_rows: np.ndarray,
                val_rows: np.ndarray, cfg: FinetuningConfig, objective: str, device: torch.device, seed: int,
                progress: bool = True, desc: str = "finetune") -> FitResult:
-    """:func:`fit` once per point of ``cfg.settings(objective)``; keep the lowest worst-group validation loss.
+    """:func:`fit` over the points of ``cfg.settings(objective)``; keep the lowest worst-group validation loss.
 
     Every point starts from its own copy of ``backbone`` (left unchanged) with the same seed, so the points of
-    one objective see the same batches and initial heads. Ties keep the earlier point of the grid. The returned
-    result carries the chosen ``setting`` and a ``search`` row per point (setting, best epoch, score).
+    one objective see the same batches and initial heads. With ``cfg.search_rung_epochs`` = r (0 < r < epochs)
+    and several points, the search is one round of successive halving (Jamieson & Talwalkar 2016): every point
+    trains r epochs, only the point with the lowest worst-group validation loss so far trains on to
+    ``cfg.epochs``, and it is the one kept (its kept epoch may be any of its epochs). With r = 0 every point trains
+    all epochs and the lowest score wins. Ties keep the earlier point of the grid. The result carries the chosen
+    ``setting`` and a ``search`` row per point (setting, epochs trained, best epoch, score).
     """
-    best, rows = None, []
-    for setting in cfg.settings(objective):
+    settings = cfg.settings(objective)
+    rung = cfg.search_rung_epochs if 0 < cfg.search_rung_epochs < cfg.epochs and len(settings) > 1 else cfg.epochs
+    runs, rows = [], []
+    for setting in settings:
         label = setting_label(objective, setting)
-        point = dataclasses.replace(cfg, **setting)
-        result = fit(copy.deepcopy(backbone), inputs, manifest, train_rows, val_rows, point, objective, device,
-                     seed, progress, desc=f"{desc} {label}")
-        result.setting = {"setting": label, **setting}
-        rows.append({"setting": label, **setting, "best_epoch": result.best_epoch,
-                     "val_worst_group_loss": result.val_worst_group_loss, "chosen": False})
-        if best is None or result.selection_key < best.selection_key:
-            best = result
-    for row in rows:
-        row["chosen"] = row["setting"] == best.setting["setting"]
+        run = _Training(copy.deepcopy(backbone), inputs, manifest, train_rows, val_rows,
+                        dataclasses.replace(cfg, **setting), objective, device, seed, progress, f"{desc} {label}")
+        run.advance(rung)
+        runs.append(run)
+        rows.append({"setting": label, **setting})
+        leader = min(range(len(runs)), key=lambda k: (runs[k].best, k))
+        for k, other in enumerate(runs):  # a point behind the leader never trains again: free its weights
+            if k != leader:
+                other.best_state = other.model = other.optimizer = None
+    chosen = min(range(len(runs)), key=lambda k: (runs[k].best, k))
+    runs[chosen].advance(cfg.epochs)
+    best = runs[chosen].result()
+    for k, (run, row) in enumerate(zip(runs, rows)):
+        row.update({"epochs_trained": run.epoch, "best_epoch": run.best_epoch,
+                    "val_worst_group_loss": run.best_worst, "chosen": k == chosen})
+    best.setting = {"setting": rows[chosen]["setting"], **settings[chosen]}
     best.search = rows
     return best
 
@@ -303,7 +349,7 @@ def _write_selection(ctx, method: str, objective: str, protocol: str, rows: list
 
 
 SELECTION_COLUMNS = ["backbone", "objective", "protocol", "fold", "setting", "weight_decay", "dro_eta",
-                     "dro_adjustment", "best_epoch", "val_worst_group_loss", "chosen"]
+                     "dro_adjustment", "epochs_trained", "best_epoch", "val_worst_group_loss", "chosen"]
 
 
 # -------------------------------------------------------------------------------------------------- stage

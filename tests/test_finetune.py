@@ -233,7 +233,7 @@ def test_regularisation_grid_and_selection_file(tmp_path):
     run_finetune_stage(ctx, "byol", "erm", "pooled", progress=False, backbone=TinyBackbone())
     table = ctx.read_metrics("finetune_selection")
     assert list(table.columns) == ["backbone", "objective", "protocol", "fold", "setting", "weight_decay", "dro_eta",
-                                   "dro_adjustment", "best_epoch", "val_worst_group_loss", "chosen"]
+                                   "dro_adjustment", "epochs_trained", "best_epoch", "val_worst_group_loss", "chosen"]
     dro = table[table["objective"] == "dro"]
     assert len(dro) == 4 and len(table[table["objective"] == "erm"]) == 2 and dro["chosen"].sum() == 1
     chosen = dro[dro["chosen"]].iloc[0]
@@ -255,3 +255,17 @@ def test_reweighted_runs_on_balanced_draws(tmp_path):
     result = run_finetune_stage(ctx, "byol", "reweighted", "pooled", progress=False, backbone=TinyBackbone())
     assert set(result.metrics["objective"]) == {"reweighted"}
     assert read_history(ctx, "byol", "reweighted")["folds"]["pooled"]["setting"]["setting"] == "weight_decay=0.0001"
+
+
+def test_successive_halving_trains_only_the_leader_to_the_end(tmp_path):
+    ctx = fake_context(tmp_path, mode="linear", epochs=4, search_rung_epochs=1, search_weight_decay=(1e-4, 1e-2),
+                       search_dro_eta=(0.01, 0.1))
+    run_finetune_stage(ctx, "byol", "dro", "pooled", progress=False, backbone=TinyBackbone())
+    table = ctx.read_metrics("finetune_selection")
+    chosen, others = table[table["chosen"]], table[~table["chosen"]]
+    assert len(chosen) == 1 and chosen["epochs_trained"].tolist() == [4] and (others["epochs_trained"] == 1).all()
+    assert (others["best_epoch"] == 1).all()
+    # the leader at the rung is the point kept, and training on can only lower its score
+    assert chosen["val_worst_group_loss"].iloc[0] <= others["val_worst_group_loss"].min()
+    history = read_history(ctx, "byol", "dro")["folds"]["pooled"]
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2, 3, 4]
