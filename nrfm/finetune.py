@@ -320,7 +320,8 @@ def search_fit(backbone: nn.Module, inputs: Tensor, manifest: pd.DataFrame, trai
                         dataclasses.replace(cfg, **setting), objective, device, seed, progress, f"{desc} {label}")
         run.advance(rung)
         runs.append(run)
-        rows.append({"setting": label, **setting})
+        used = setting if objective == "dro" else {**setting, "dro_eta": float("nan"), "dro_adjustment": float("nan")}
+        rows.append({"setting": label, **used})
         leader = min(range(len(runs)), key=lambda k: (runs[k].best, k))
         for k, other in enumerate(runs):  # a point behind the leader never trains again: free its weights
             if k != leader:
@@ -330,7 +331,9 @@ def search_fit(backbone: nn.Module, inputs: Tensor, manifest: pd.DataFrame, trai
     best = runs[chosen].result()
     for k, (run, row) in enumerate(zip(runs, rows)):
         row.update({"epochs_trained": run.epoch, "best_epoch": run.best_epoch,
-                    "val_worst_group_loss": run.best_worst, "chosen": k == chosen})
+                    "val_worst_group_loss": run.best_worst, "chosen": k == chosen,
+                    # no validation group with select_min_group_labels labels: the mean validation loss decided
+                    "selected_on": "worst_group_loss" if run.best[0] == 0 else "mean_val_loss"})
     best.setting = {"setting": rows[chosen]["setting"], **settings[chosen]}
     best.search = rows
     return best
@@ -349,7 +352,7 @@ def _write_selection(ctx, method: str, objective: str, protocol: str, rows: list
 
 
 SELECTION_COLUMNS = ["backbone", "objective", "protocol", "fold", "setting", "weight_decay", "dro_eta",
-                     "dro_adjustment", "epochs_trained", "best_epoch", "val_worst_group_loss", "chosen"]
+                     "dro_adjustment", "epochs_trained", "best_epoch", "val_worst_group_loss", "chosen", "selected_on"]
 
 
 # -------------------------------------------------------------------------------------------------- stage
