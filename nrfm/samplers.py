@@ -12,20 +12,22 @@ natural frequencies a small group is absent from most batches and gets no update
 
 *Multi-task version.* A row carries up to E labels, one per endpoint, and each known label falls in one group
 of its endpoint (site x class). A row cannot be drawn for one endpoint without its other labels, so the
-single-task weights ``1 / n_g`` have no exact multi-task equivalent. The scheme used here: row i is drawn with
-probability proportional to
+single-task weights ``1 / n_g`` have no exact multi-task equivalent. The scheme used here: each draw picks an
+endpoint uniformly (among the T endpoints that have groups), then one of its G_e groups uniformly, then one of
+that group's n_g labelled training rows uniformly. Row i is therefore drawn with probability
 
-    r_i = mean over the endpoints e labelled on row i of  1 / (G_e * n_{g(i, e)})
+    pi_i = (1 / T) * sum over the endpoints e labelled on row i of  1 / (G_e * n_{g(i, e)}),
 
-(G_e groups of endpoint e, n_g training labels of group g). With one endpoint this is exactly ``1 / n_g``
-(every group drawn with probability 1 / G). With several, every group of endpoint e receives, in
-expectation, at least ``1 / E`` of the equal share ``1 / G_e`` it would get alone (from the term of its own
-endpoint), usually much more, so no group is starved.
+which is what :func:`balanced_row_probabilities` computes (no sampling in two stages is needed). With one
+endpoint this is exactly ``1 / n_g`` (every group drawn with probability 1 / G). With several, the group a draw
+is made *for* is uniform within its endpoint, so every group of endpoint e gets at least ``1 / T`` of the equal
+share ``1 / G_e`` it would get alone; the labels of the row's other endpoints ride along at their conditional
+frequencies, so no group is starved but the balance is not exact.
 
 The remaining imbalance is removed exactly by importance weights, which the objectives take as per-element
 weights (see :func:`nrfm.dro.GroupDRO.loss`): a label of row i in group g weighted by ``1 / pi_i`` (pi_i the
-draw probability of row i) makes the weighted group mean an unbiased-in-ratio estimate of the uniform mean
-over the group's rows, and ``1 / (n_g pi_i)`` makes a weighted sum over a draw equal, in expectation, to
+draw probability of row i) makes the weighted group mean a consistent (self-normalised) estimate of the
+plain mean over the group's rows, and ``1 / (n_g pi_i)`` makes a weighted sum over a draw equal, in expectation, to
 ``sum_g (1 / n_g) sum_{i in g} l_i``: each group counts equally (:func:`expected_group_mass` checks this).
 With one endpoint both weights are constant within a group and the objectives reduce to the reference code's.
 """
@@ -70,7 +72,7 @@ def balanced_row_probabilities(group_index: Tensor, group_task: Tensor, group_co
     safe = group_index.clamp(min=0).long()
     per_label = 1.0 / (groups_per_task[group_task.long()[safe]] * group_counts.double()[safe])
     per_label = torch.where(known, per_label, torch.zeros_like(per_label))
-    r = per_label.sum(dim=1) / known.sum(dim=1).clamp(min=1)
+    r = per_label.sum(dim=1)  # sums to T over the rows; dividing by the sum gives the 1 / T
     if not float(r.sum()) > 0:
         raise ValueError("no training row has a grouped label: nothing to sample")
     return r / r.sum()

@@ -74,6 +74,12 @@ def test_multi_task_weights_make_every_group_count_equally():
     # with the importance weights, each group's expected weighted label count per draw is exactly 1 / N...
     mass = expected_group_mass(index, n_groups, p, balanced)
     torch.testing.assert_close(mass, torch.full((n_groups,), 1.0, dtype=torch.float64), rtol=1e-5, atol=0)
+    # the probabilities are those of: endpoint uniformly, then one of its groups, then one of the group's rows
+    two_stage = torch.zeros(len(index), dtype=torch.float64)
+    for g in range(n_groups):
+        members = torch.nonzero((index == g).any(dim=1)).flatten()
+        two_stage[members] += 1.0 / (2 * int((task == task[g]).sum()) * len(members))
+    torch.testing.assert_close(p, two_stage)
     # ... and without them no group gets less than 1/E of the 1/G_e share it would get alone
     plain = expected_group_mass(index, n_groups, p)
     groups_per_task = torch.bincount(task).double()
