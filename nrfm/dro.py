@@ -191,8 +191,8 @@ class GroupDRO(nn.Module):
     tasks' losses are on different scales (a standardised squared error for the continuous endpoints, about 1
     at chance, against 0.69 for BCE) and of different difficulty, so one simplex puts its weight on the
     hardest or largest-scale endpoint rather than on the small site or rare class inside each endpoint, which
-    is the shift group DRO is meant to guard against. Equal task weights keep each endpoint's share of the
-    gradient fixed, as in plain multi-task ERM. With ``group_task=None`` there is one task and this is
+    is the shift group DRO is meant to guard against. Equal task weights fix every endpoint's share of the
+    objective at 1 / T, whatever its loss scale or number of labels. With ``group_task=None`` there is one task and this is
     exactly Algorithm 1.
 
     Only tasks with at least one example in the batch enter the mean (the others have no loss to weight).
