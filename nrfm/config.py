@@ -188,9 +188,18 @@ class PretrainingConfig:
 
 @dataclass(frozen=True)
 class FinetuningConfig:
-    """Supervised fine-tuning on the ten endpoints with ERM, reweighted ERM or group DRO."""
+    """Supervised fine-tuning on the ten endpoints with ERM, reweighted ERM or group DRO.
 
-    objectives: tuple[str, ...] = ("erm", "dro")
+    ERM trains on one shuffled pass over the training rows per epoch; reweighted ERM and group DRO on
+    group-balanced draws (Sagawa et al.'s ``--reweight_groups``; see :mod:`nrfm.train.samplers`). Each objective is fit
+    over the points of its regularisation grid (``search_*``: weight decay for all three, also eta and C for
+    group DRO; an empty list means the single value of the scalar key), with one round of successive halving
+    (``search_rung_epochs``); the point and the epoch with the lowest worst-group validation loss are kept
+    (:func:`nrfm.train.finetune_data.worst_group_loss`), and every point's score is written to
+    ``metrics/finetune_selection.csv``.
+    """
+
+    objectives: tuple[str, ...] = ("erm", "reweighted", "dro")
     protocols: tuple[str, ...] = ("pooled", "loso")
     endpoints: tuple[str, ...] = ENDPOINTS
     # partial = last backbone stage and heads on cached early-stage features (fast; DRO can change the
@@ -199,15 +208,33 @@ class FinetuningConfig:
     epochs: int = 15
     batch_size: int = 16
     lr: float = 1e-3
-    backbone_lr_scale: float = 0.1  # backbone learning rate = lr * this (full mode)
-    weight_decay: float = 1e-4
-    dro_groups: str = "site_class"  # site_class | site | class
-    dro_eta: float = 0.01  # step size of the exponentiated-gradient update of the group weights
-    dro_adjustment: float = 0.0  # C in the generalization adjustment C / sqrt(n_g); 0 = off
+    backbone_lr_scale: float = 0.1  # trained backbone part (partial: last stage; full: all) at lr * this
+    weight_decay: float = 1e-4  # AdamW weight decay when search_weight_decay is empty
+    dro_groups: str = "site_class"  # site_class | site | class (within each endpoint)
+    dro_eta: float = 0.01  # step size of the exponentiated-gradient update of q, when search_dro_eta is empty
+    dro_adjustment: float = 0.0  # C in the adjustment C / sqrt(n_g); 0 = off; when search_dro_adjustment is empty
+    # regularisation grid, every objective gets the same weight-decay grid; DRO also eta x C (product)
+    search_weight_decay: tuple[float, ...] = (1e-4, 1e-2)
+    search_dro_eta: tuple[float, ...] = (0.01, 0.1)
+    search_dro_adjustment: tuple[float, ...] = ()
+    # successive halving: every grid point trains this many epochs, then only the best one trains on to `epochs`
+    # (0 = every point trains all epochs); keeps the default grid's fine-tuning time within ~2.5x one fit per objective
+    search_rung_epochs: int = 5
+    # a validation group with fewer labels than this is left out of the worst-group validation loss
+    select_min_group_labels: int = 3
     ki67_threshold: float = 10.0  # percent; Ki-67 is also reported binarized as >= this
     tp53_ihc_threshold: float = 10.0  # percent of p53-positive nuclei; binarized as >= this
     bf16: bool = True
     channels_last: bool = True
+
+    def settings(self, objective: str) -> list[dict[str, float]]:
+        """The regularisation grid of ``objective``: dicts with weight_decay, dro_eta, dro_adjustment."""
+        decays = self.search_weight_decay or (self.weight_decay,)
+        etas = (self.search_dro_eta or (self.dro_eta,)) if objective == "dro" else (self.dro_eta,)
+        adjustments = ((self.search_dro_adjustment or (self.dro_adjustment,)) if objective == "dro"
+                       else (self.dro_adjustment,))
+        return [{"weight_decay": float(wd), "dro_eta": float(eta), "dro_adjustment": float(c)}
+                for wd in decays for eta in etas for c in adjustments]
 
     def _check(self) -> None:
         _subset(self.objectives, OBJECTIVES, "objectives")
@@ -224,6 +251,15 @@ class FinetuningConfig:
                  f"unknown grouping {self.dro_groups!r}; valid: ['site_class', 'site', 'class']")
         _require(self.dro_eta > 0, "dro_eta", f"must be > 0, got {self.dro_eta}")
         _require(self.dro_adjustment >= 0, "dro_adjustment", f"must be >= 0, got {self.dro_adjustment}")
+        _require(all(v >= 0 for v in self.search_weight_decay), "search_weight_decay", "each value must be >= 0")
+        _require(all(v > 0 for v in self.search_dro_eta), "search_dro_eta", "each value must be > 0")
+        _require(all(v >= 0 for v in self.search_dro_adjustment), "search_dro_adjustment",
+                 "each value must be >= 0")
+        for key in ("search_weight_decay", "search_dro_eta", "search_dro_adjustment"):
+            values = getattr(self, key)
+            _require(len(set(values)) == len(values), key, f"values must be distinct, got {list(values)}")
+        _require(self.select_min_group_labels >= 1, "select_min_group_labels", "must be >= 1")
+        _require(self.search_rung_epochs >= 0, "search_rung_epochs", f"must be >= 0, got {self.search_rung_epochs}")
         _require(0 < self.ki67_threshold < 100, "ki67_threshold", "must be in (0, 100) percent")
         _require(0 < self.tp53_ihc_threshold < 100, "tp53_ihc_threshold", "must be in (0, 100) percent")
 

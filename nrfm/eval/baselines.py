@@ -291,7 +291,7 @@ def handcrafted_features_of_run(ctx, progress: bool = True) -> pd.DataFrame:
     from nrfm.files import atomic_write_csv
     from nrfm.eval.handcrafted import feature_table_of_run
 
-    path = ctx.artifacts_dir / "handcrafted_features.csv"
+    path = ctx.layout.handcrafted_features
     ids = ctx.manifest["subject_id"].astype(str).tolist()
     if path.is_file():
         table = pd.read_csv(path, dtype={"subject_id": str}).set_index("subject_id")
@@ -342,8 +342,8 @@ def run_baseline_stage(ctx, baseline: str, protocol: str = "pooled", progress: b
     endpoints, cuts = tuple(cfg.endpoints), cuts_of(cfg)
     predictions, choices = baseline_predictions(ctx.manifest, features, endpoints, cuts, seed, protocol, folds)
     name = f"{backbone}_{objective}_{protocol}"
-    path = atomic_write_csv(ctx.artifacts_dir / f"predictions_{name}.csv", predictions)
-    atomic_write_json(ctx.artifacts_dir / f"baseline_{name}.json",
+    path = atomic_write_csv(ctx.layout.predictions(backbone, objective, protocol), predictions)
+    atomic_write_json(ctx.layout.baseline_choices(backbone, objective, protocol),
                       {"backbone": backbone, "objective": objective, "protocol": protocol, "seed": seed,
                        "selection": "penalty chosen on validation (AUC / log1p squared error), fit on train",
                        "config_sha256": ctx.config.sha256(), "choices": choices})

@@ -45,8 +45,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nrfm.eval import bootstrap
 from nrfm.config import BINARY_ENDPOINTS
+from nrfm.eval import bootstrap
+from nrfm.pipeline.layout import RunLayout
 
 ALPHA = 0.025  # one-sided, family-wise (Holm)
 COMPARISONS = (("dro", "erm"), ("dro", "reweighted"))  # (objective tested, baseline): gain = first - second
@@ -166,7 +167,7 @@ def read_oracle(run_dir: Path) -> pd.DataFrame | None:
 
 
 def read_predictions(run_dir: Path, method: str, objective: str, protocol: str = "pooled") -> pd.DataFrame | None:
-    path = Path(run_dir) / "artifacts" / f"predictions_{method}_{objective}_{protocol}.csv"
+    path = RunLayout(Path(run_dir)).predictions(method, objective, protocol)
     if not path.is_file():
         return None
     return pd.read_csv(path, dtype={"subject_id": str, "patient_id": str, "site": str})
@@ -328,7 +329,7 @@ def read_survival_risk(run_dir: Path, method: str, objective: str) -> pd.DataFra
     """``artifacts/survival_risk_{method}_{objective}.csv`` (subject_id, patient_id, site, os_days, os_event,
     risk; higher risk = shorter survival) restricted to TEST subjects (its ``split`` column, else the run's
     manifest), or None when absent."""
-    path = Path(run_dir) / "artifacts" / f"survival_risk_{method}_{objective}.csv"
+    path = RunLayout(Path(run_dir)).survival_risk(method, objective)
     if not path.is_file():
         return None
     frame = pd.read_csv(path, dtype={"subject_id": str, "patient_id": str, "site": str})
@@ -380,7 +381,7 @@ def survival_rows(run_dir: Path, methods: list[str], n_boot: int, seed: int = 0,
 
 # --------------------------------------------------------------------------------------------- site mixing
 def _embeddings(run_dir: Path, method: str, objective: str, subjects: list[str]) -> np.ndarray | None:
-    path = Path(run_dir) / "artifacts" / f"embeddings_{method}_{objective}.npz"
+    path = RunLayout(Path(run_dir)).embeddings(method, objective)
     if not path.is_file():
         return None
     with np.load(path, allow_pickle=False) as data:
@@ -446,8 +447,7 @@ def gradcam_rows(run_dir: Path, methods: list[str], n_boot: int, seed: int = 0, 
     patient_of = manifest.set_index("subject_id")["patient_id"].astype(str) if manifest is not None else None
     rows = []
     for method in methods:
-        for path in sorted((Path(run_dir) / "artifacts").glob(f"gradcam_subjects_{method}_*.csv")):
-            objective, endpoint = path.stem[len(f"gradcam_subjects_{method}_"):].split("_", 1)
+        for objective, endpoint, path in RunLayout(Path(run_dir)).gradcam_subject_files(method):
             scores = pd.read_csv(path, dtype={"subject_id": str, "site": str})
             scores = scores[scores["note"].fillna("").astype(str) == ""]
             patients = (scores["subject_id"].map(patient_of).fillna(scores["subject_id"]) if patient_of is not None
@@ -558,7 +558,7 @@ def decide(table: pd.DataFrame, scenario: str, alpha: float = ALPHA) -> pd.DataF
 
 
 def _metrics(run_dir: Path, name: str) -> pd.DataFrame | None:
-    path = Path(run_dir) / "metrics" / f"{name}.csv"
+    path = RunLayout(Path(run_dir)).metrics(name)
     return pd.read_csv(path) if path.is_file() else None
 
 
@@ -573,7 +573,7 @@ def all_verdicts(run_dir: Path, methods: list[str], thresholds: dict[str, float]
     scenario = scenario or cohort_scenario(run_dir)
     manifest = read_manifest(run_dir)
     n_sites = manifest["site"].nunique() if manifest is not None else 3
-    present = [pair for pair in COMPARISONS if any(all((Path(run_dir) / "artifacts" / f"predictions_{m}_{o}_pooled.csv")
+    present = [pair for pair in COMPARISONS if any(all(RunLayout(Path(run_dir)).predictions(m, o, "pooled")
                                                       .is_file() for o in pair) for m in methods)]
     family = len(methods) * (max(len(present), 1) * (sum(c.kind == "molecular" for c in CLAIMS) + n_sites + 1)
                              + len({o for pair in present for o in pair}))  # + one Grad-CAM test per objective
@@ -606,7 +606,7 @@ def collect_metrics(run_dir: Path, name: str) -> pd.DataFrame | None:
     """``metrics/<name>.csv`` of a run, or of every child run of a sweep with a ``run`` column added."""
     frames = []
     for run in find_runs(run_dir):
-        path = run / "metrics" / f"{name}.csv"
+        path = RunLayout(run).metrics(name)
         if path.is_file():
             frame = pd.read_csv(path)
             frame.insert(0, "run", run.name)
@@ -668,5 +668,4 @@ def write_verdicts(scope: SummaryScope, verdicts: pd.DataFrame) -> Path:
     from nrfm.files import atomic_write_csv
 
     frame = verdicts if scope.is_sweep else verdicts.drop(columns="run", errors="ignore")
-    (scope.run_dir / "metrics").mkdir(parents=True, exist_ok=True)
-    return atomic_write_csv(scope.run_dir / "metrics" / "verdicts.csv", frame)
+    return atomic_write_csv(RunLayout(scope.run_dir).metrics("verdicts"), frame)

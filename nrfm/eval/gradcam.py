@@ -327,7 +327,7 @@ def endpoint_index(model: nn.Module, endpoint: str) -> int:
 
 def decision_threshold(ctx, method: str, objective: str, endpoint: str) -> float | None:
     """The pooled model's probability threshold for ``endpoint`` (from its predictions file), or None if absent."""
-    path = ctx.artifacts_dir / f"predictions_{method}_{objective}_pooled.csv"
+    path = ctx.layout.predictions(method, objective, "pooled")
     if not path.is_file():
         return None
     table = pd.read_csv(path, usecols=["endpoint", "threshold"])
@@ -521,7 +521,7 @@ def gradcam_table(ctx, methods: Sequence[str], objectives: Sequence[str] | None 
             scores = scores.merge(control.add_prefix("random_init_").rename(
                 columns={"random_init_subject_id": "subject_id"}), on="subject_id", how="left")
             scores = scores[[c for c in scores.columns if c != "note"] + ["note"]]
-            atomic_write_csv(ctx.artifacts_dir / f"gradcam_subjects_{method}_{objective}_{endpoint}.csv", scores)
+            atomic_write_csv(ctx.layout.gradcam_subjects(method, objective, endpoint), scores)
             for row in summarise_scores(scores, ctx.sites, ctx.config.analyses.bootstrap, seed):
                 rows.append({"backbone": method, "objective": objective, "endpoint": endpoint, **row})
     return pd.DataFrame(rows, columns=list(GRADCAM_COLUMNS + EXTRA_COLUMNS))

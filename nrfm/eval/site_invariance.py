@@ -64,7 +64,7 @@ def embeddings_path(ctx, method: str, stage: str):
     """Path of the embeddings artifact of ``method`` at ``stage`` (pretrained, erm, dro)."""
     if stage not in STAGES:
         raise ValueError(f"unknown embedding stage {stage!r}; valid: {list(STAGES)}")
-    return ctx.artifacts_dir / f"embeddings_{method}_{stage}.npz"
+    return ctx.layout.embeddings(method, stage)
 
 
 def load_embeddings(ctx, method: str, stage: str) -> np.ndarray:

@@ -319,7 +319,7 @@ def evaluate_risk(time: np.ndarray, event: np.ndarray, risk: np.ndarray, thresho
 
 def survival_risk_path(ctx, method: str, objective: str):
     """``artifacts/survival_risk_{method}_{objective}.csv``: test risk scores, columns :data:`RISK_COLUMNS`."""
-    return ctx.artifacts_dir / f"survival_risk_{method}_{objective}.csv"
+    return ctx.layout.survival_risk(method, objective)
 
 
 def survival_risk_table(ctx, method: str, objective: str) -> tuple[pd.DataFrame, dict]:

@@ -23,6 +23,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+PRETRAINED_FILE = "backbone.pt"  # in checkpoints/<backbone>/ (train_method writes into any folder it is given)
+RESUME_FILE = "last.pt"
+
 
 @dataclass(frozen=True)
 class RunLayout:
@@ -110,6 +113,23 @@ class RunLayout:
         """Per-subject CAM shares of one model and endpoint."""
         return self.artifacts_dir / f"gradcam_subjects_{backbone}_{objective}_{endpoint}.csv"
 
+    def gradcam_subject_files(self, backbone: str) -> list[tuple[str, str, Path]]:
+        """(objective, endpoint, path) of every per-subject Grad-CAM file of ``backbone`` in this run."""
+        prefix = f"gradcam_subjects_{backbone}_"
+        found = []
+        for path in sorted(self.artifacts_dir.glob(f"{prefix}*.csv")):
+            objective, endpoint = path.stem[len(prefix):].split("_", 1)
+            found.append((objective, endpoint, path))
+        return found
+
+    def handcrafted_features(self) -> Path:
+        """Radiomics-style features of every exam (computed once per run)."""
+        return self.artifacts_dir / "handcrafted_features.csv"
+
+    def baseline_choices(self, backbone: str, objective: str, protocol: str) -> Path:
+        """The penalty a baseline chose per fold and endpoint on validation."""
+        return self.artifacts_dir / f"baseline_{backbone}_{objective}_{protocol}.json"
+
     def feature_cache(self, backbone: str, mode: str, key: str) -> Path:
         """Frozen early-stage features for partial fine-tuning, keyed by what made them."""
         return self.cache_dir / f"finetune_inputs_{backbone}_{mode}_{key}.pt"
@@ -120,11 +140,11 @@ class RunLayout:
         return base / backbone if backbone else base
 
     def pretrained_backbone(self, backbone: str) -> Path:
-        return self.checkpoints_dir(backbone) / "backbone.pt"
+        return self.checkpoints_dir(backbone) / PRETRAINED_FILE
 
     def pretrain_resume(self, backbone: str) -> Path:
         """Pretraining's resume state (model, optimiser, RNG); only needed while pretraining runs."""
-        return self.checkpoints_dir(backbone) / "last.pt"
+        return self.checkpoints_dir(backbone) / RESUME_FILE
 
     def finetuned_model(self, backbone: str, objective: str) -> Path:
         """The pooled fine-tuned model that site invariance, survival and Grad-CAM reload."""
@@ -132,7 +152,7 @@ class RunLayout:
 
     def resume_state(self) -> list[Path]:
         """Files that only resuming an interrupted stage needs."""
-        return sorted(self.checkpoints_dir().glob("*/last.pt"))
+        return sorted(self.checkpoints_dir().glob(f"*/{RESUME_FILE}"))
 
     def drop_resume_state(self, backbone: str) -> None:
         """Delete one backbone's pretraining resume state (called when its pretraining completes)."""

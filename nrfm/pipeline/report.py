@@ -159,7 +159,7 @@ def _verdict_html(run_dir: Path) -> str:
     with the measured difference, its CI and the Holm-adjusted p; the full table behind a toggle."""
     from nrfm.eval.claims import verdict_tone
 
-    path = run_dir / "metrics" / "verdicts.csv"
+    path = RunLayout(run_dir).metrics("verdicts")
     if not path.is_file():
         return "<p>No verdict table (the summary notebook did not run in this run).</p>"
     frame = pd.read_csv(path)

@@ -1,9 +1,10 @@
 """Figures and tables of the fine-tuning stage (notebook 02 calls these and displays what they return).
 
-* :func:`training_curves_figure`: training loss and validation worst-site AUC per epoch, ERM vs DRO.
-* :func:`group_weights_figure`: group DRO's weights q over training (the groups it up-weights).
-* :func:`roc_figure`: test ROC curves per site and endpoint, ERM vs DRO.
-* :func:`molecular_paper_table`: rows endpoints, columns site x backbone x {ERM, +DRO}, plus the oracle AUC.
+* :func:`training_curves_figure`: training loss and worst-group validation loss per epoch, per objective.
+* :func:`group_weights_figure`: group DRO's weights q over training (per endpoint; the groups it up-weights).
+* :func:`roc_figure`: test ROC curves per site and endpoint, one curve per objective.
+* :func:`molecular_paper_table`: rows endpoints, columns site x backbone x {ERM, reweighted, +DRO}, plus the
+  oracle AUC.
 * :func:`dro_deltas`: DRO minus ERM per backbone, site and endpoint with paired-bootstrap 95% CIs.
 """
 from __future__ import annotations
@@ -25,14 +26,16 @@ COLORS = {"erm": "tab:blue", "dro": "tab:red", "reweighted": "tab:green"}
 
 
 def _predictions(ctx, method: str, objective: str, protocol: str) -> pd.DataFrame | None:
-    path = ctx.artifacts_dir / f"predictions_{method}_{objective}_{protocol}.csv"
+    path = ctx.layout.predictions(method, objective, protocol)
     return pd.read_csv(path, dtype={"subject_id": str, "patient_id": str, "site": str, "fold": str}) \
         if path.is_file() else None
 
 
 def training_curves_figure(ctx, method: str, protocol: str = "pooled",
                            objectives: Sequence[str] = ("erm", "dro", "reweighted"), save: bool = True) -> plt.Figure:
-    """Training loss (left) and validation worst-site mean AUC (right) per epoch; the kept epoch is marked.
+    """Training loss (left) and worst-group validation loss (right) per epoch; the kept epoch is marked.
+
+    Each objective's curve is its chosen regularisation setting (``metrics/finetune_selection.csv``).
 
     Saved as ``figures/finetune_curves_{method}_{protocol}.png``.
     """
@@ -46,11 +49,12 @@ def training_curves_figure(ctx, method: str, protocol: str = "pooled",
             label = f"{LABELS.get(objective, objective)}" + (f" (held out {fold})" if protocol == "loso" else "")
             style = dict(color=COLORS.get(objective), alpha=1.0 if k == 0 else 0.6, ls=["-", "--", ":", "-."][k % 4])
             ax_loss.plot(epochs, [e["train_loss"] for e in run["epochs"]], label=label, **style)
-            ax_val.plot(epochs, [e["val_worst_site_auc"] for e in run["epochs"]], label=label, **style)
+            ax_val.plot(epochs, [e["val_worst_group_loss"] for e in run["epochs"]], label=label, **style)
             best = run["best_epoch"]
-            ax_val.plot([best], [run["epochs"][best - 1]["val_worst_site_auc"]], "o", color=COLORS.get(objective))
+            ax_val.plot([best], [run["epochs"][best - 1]["val_worst_group_loss"]], "o", color=COLORS.get(objective))
     ax_loss.set(xlabel="epoch", ylabel="training objective", title=f"{method}: training loss ({protocol})")
-    ax_val.set(xlabel="epoch", ylabel="worst-site mean AUC (val)", title="model selection (dot = kept epoch)")
+    ax_val.set(xlabel="epoch", ylabel="worst-group loss (val, mean over endpoints)",
+               title="model selection, chosen setting (dot = kept epoch)")
     ax_val.legend(fontsize=7)
     fig.tight_layout()
     if save:
@@ -60,7 +64,8 @@ def training_curves_figure(ctx, method: str, protocol: str = "pooled",
 
 def group_weights_figure(ctx, method: str, protocol: str = "pooled", fold: str | None = None, top: int = 8,
                          save: bool = True) -> plt.Figure:
-    """Group DRO's q_g after each epoch; the ``top`` groups by final weight are labelled, others grey.
+    """Group DRO's q_g after each epoch, relative to uniform within its endpoint (q_g x G_e; 1 = uniform); the
+    ``top`` groups by final relative weight are labelled, others grey.
 
     Saved as ``figures/dro_group_weights_{method}_{protocol}.png``.
     """
@@ -73,15 +78,20 @@ def group_weights_figure(ctx, method: str, protocol: str = "pooled", fold: str |
     fold = fold or next(iter(history["folds"]))
     run = history["folds"][fold]
     q = np.array([e["q"] for e in run["epochs"]])  # (epochs, G)
+    if "group_task" in run:  # one q per endpoint: show q_g * G_e, the weight relative to uniform in its endpoint
+        task = np.asarray(run["group_task"])
+        q = q * np.bincount(task)[task]
+    else:
+        q = q * q.shape[1]
     epochs = np.array([e["epoch"] for e in run["epochs"]])
     order = np.argsort(q[-1])[::-1]
-    uniform = 1.0 / q.shape[1]
+    uniform = 1.0
     for g in order[top:]:
         ax.plot(epochs, q[:, g], color="0.8", lw=0.8)
     for g in order[:top]:
         ax.plot(epochs, q[:, g], lw=1.8, label=f"{run['groups'][g]} (n={int(run['group_counts'][g])})")
-    ax.axhline(uniform, color="k", ls=":", lw=1, label="uniform 1/G")
-    ax.set(xlabel="epoch", ylabel="group weight q_g", yscale="log",
+    ax.axhline(uniform, color="k", ls=":", lw=1, label="uniform within the endpoint")
+    ax.set(xlabel="epoch", ylabel="q_g x groups of its endpoint", yscale="log",
            title=f"{method}: group DRO weights ({protocol}, {fold}; groups endpoint|site|class)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
@@ -91,12 +101,14 @@ def group_weights_figure(ctx, method: str, protocol: str = "pooled", fold: str |
 
 
 def roc_figure(ctx, method: str, protocol: str = "pooled", endpoints: Sequence[str] | None = None,
-               objectives: Sequence[str] = ("erm", "dro"), save: bool = True) -> plt.Figure:
+               objectives: Sequence[str] | None = None, save: bool = True) -> plt.Figure:
     """Test ROC curves, one panel per (endpoint, site), one curve per objective (AUC in the legend).
 
-    Continuous endpoints are binarized at the configured cuts. Saved as ``figures/roc_{method}_{protocol}.png``.
+    Continuous endpoints are binarized at the configured cuts; ``objectives`` default to the configured ones.
+    Saved as ``figures/roc_{method}_{protocol}.png``.
     """
     cuts = cuts_of(ctx.config.finetuning)
+    objectives = tuple(objectives or ctx.config.finetuning.objectives)
     frames = {o: _predictions(ctx, method, o, protocol) for o in objectives}
     frames = {o: f[f["split"] == "test"] for o, f in frames.items() if f is not None}
     endpoints = list(endpoints or [e for e in ENDPOINTS if any(e in set(f["endpoint"]) for f in frames.values())])
@@ -129,7 +141,9 @@ def roc_figure(ctx, method: str, protocol: str = "pooled", endpoints: Sequence[s
 
 def molecular_paper_table(ctx, protocol: str = "pooled", metric: str = "auc", sites: Sequence[str] | None = None,
                           with_ci: bool = True) -> pd.DataFrame:
-    """The paper-style table from ``metrics/molecular.csv``: rows endpoints, columns (site, backbone, ERM/+DRO).
+    """The paper-style table from ``metrics/molecular.csv``: rows endpoints, columns (site, backbone, objective).
+
+    Objectives in the order ERM, reweighted, +DRO (those the metrics hold).
 
     Cells are ``value [ci_low, ci_high]`` strings (``with_ci``) or numbers; an ``oracle`` column per site gives
     the synthetic cohort's Bayes-limit AUC on the same test subjects when it exists. Empty cells are metrics
@@ -140,13 +154,14 @@ def molecular_paper_table(ctx, protocol: str = "pooled", metric: str = "auc", si
     table = ctx.read_metrics("molecular")
     if table is None or table.empty:
         return pd.DataFrame()
-    table = table[(table["protocol"] == protocol) & table["objective"].isin(["erm", "dro"])]
+    objectives = [o for o in ("erm", "reweighted", "dro") if o in set(table["objective"])]
+    table = table[(table["protocol"] == protocol) & table["objective"].isin(objectives)]
     sites = list(sites or [s for s in table["site"].unique() if s != "worst"] + ["worst"])
     columns, cells = [], {}
     for site in sites:
         part = table[table["site"] == site]
         for backbone in sorted(part["backbone"].unique()):
-            for objective in ("erm", "dro"):
+            for objective in objectives:
                 rows = part[(part["backbone"] == backbone) & (part["objective"] == objective)].set_index("endpoint")
                 if rows.empty:
                     continue

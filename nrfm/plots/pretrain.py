@@ -24,13 +24,13 @@ CHANNELS = CONTRASTS
 def _log(ctx, method: str | None) -> pd.DataFrame:
     log = ctx.read_metrics("pretrain")
     if log is None or log.empty:
-        raise RunError(f"{ctx.metrics_dir / 'pretrain.csv'}: no pretraining log yet; run the pretraining stage first")
+        raise RunError(f"{ctx.layout.metrics('pretrain')}: no pretraining log yet; run the pretraining stage first")
     if method is not None:
         if method not in SSL_METHODS:
             raise ValueError(f"unknown SSL method {method!r}; valid: {list(SSL_METHODS)}")
         log = log[log["backbone"] == method]
         if log.empty:
-            raise RunError(f"{ctx.metrics_dir / 'pretrain.csv'}: no rows for backbone {method!r}")
+            raise RunError(f"{ctx.layout.metrics('pretrain')}: no rows for backbone {method!r}")
     return log.sort_values(["backbone", "epoch"])
 
 

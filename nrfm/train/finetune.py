@@ -6,28 +6,37 @@ with the training mean and SD (so the squared error of a constant prediction is 
 chance-level BCE of 0.69, and group DRO sees comparable losses). Unknown labels are masked from the loss.
 
 **Groups and the multi-task objective.** Each known label of a training subject is one loss element, and
-each element belongs to one group ``(endpoint, site, class)`` (``dro_groups = site_class``; ``site``
-drops the class, ``class`` drops the site); continuous endpoints take their class from the binarized
-label (``>= ki67_threshold`` / ``tp53_ihc_threshold``). One :class:`~nrfm.train.dro.GroupDRO` runs over all
-groups that have training examples, so q can move weight to, e.g., CDKN2A/B-positive subjects of the rare
-site, exactly the imbalance the paper targets. ERM is the plain mean over all known elements.
+each element belongs to one group of its endpoint: ``(site, class)`` (``dro_groups = site_class``; ``site``
+drops the class, ``class`` drops the site); continuous endpoints take their class from the binarized label
+(``>= ki67_threshold`` / ``tp53_ihc_threshold``). :class:`~nrfm.train.dro.GroupDRO` keeps one q per endpoint over that
+endpoint's groups and averages the endpoints' robust losses with equal weights (its docstring says why), so q
+can move weight to, e.g., CDKN2A/B-positive subjects of the rare site. ERM is the plain mean over all known
+elements; reweighted ERM weights each element by 1 / n_g within its endpoint and averages endpoints equally.
+
+**Batches** (:mod:`nrfm.train.samplers`). ERM: every training row exactly once per epoch, shuffled. Reweighted ERM and
+group DRO: as many group-balanced draws with replacement (Sagawa et al.'s ``--reweight_groups``, multi-task form
+in :mod:`nrfm.train.samplers`), with the sampler's importance weights in the group means.
 
 **Modes** (``FinetuningConfig.mode``):
 
 * ``partial`` (default): the backbone's early stages are frozen and their output is computed once per
   backbone; the last stage (ResNet ``layer4``; the last ViT block and final norm) and the heads are trained.
   DRO can therefore change the embedding (needed by the site-invariance analysis) while every run costs a
-  fraction of full fine-tuning: the whole stage (4 backbones x {ERM, DRO} x pooled + LOSO) fits in minutes
-  on 2 CPU cores. No augmentation (inputs are fixed features; the same for ERM and DRO).
+  fraction of full fine-tuning: the whole stage (4 backbones x three objectives x grid x pooled + LOSO) fits in
+  minutes on 2 CPU cores. No augmentation (inputs are fixed features; the same for every objective).
 * ``linear``: frozen backbone, heads only (embeddings identical to the pretrained ones).
 * ``full``: every backbone weight is trained on the volumes (slow on a CPU; no augmentation).
 
 The backbone is trained at ``lr * backbone_lr_scale``, the heads at ``lr`` (AdamW).
 
-**Model selection** (the same rule for every objective: the fair comparison): after every epoch the
-validation subjects are scored, and the epoch with the highest *worst-site mean AUC* is kept: for each site,
-the mean AUC over endpoints with both classes in that site's validation labels (continuous endpoints
-binarized), then the minimum over sites. Decision thresholds are then chosen on validation by Youden's J.
+**Model selection** (the same rule for every objective: the fair comparison). Each objective is fitted once
+per point of its regularisation grid (``FinetuningConfig.settings``: weight decay; for group DRO also eta and C),
+each from the same pretrained weights and seed. After every epoch the validation subjects are scored, and the
+epoch and grid point with the lowest *worst-group validation loss* are kept
+(:func:`~nrfm.train.finetune_data.worst_group_loss`: per endpoint the highest mean loss among its groups with at least
+``select_min_group_labels`` validation labels, averaged over endpoints; the mean validation loss only if no group
+qualifies). Every point's score goes to ``metrics/finetune_selection.csv``. Decision thresholds are then chosen
+on validation by Youden's J.
 
 **Protocols.** ``pooled``: train on the train split of all sites, select on val, test on the test split
 (reported per site). ``loso``: for each site, train on the other sites' train split, select on their val
@@ -61,11 +70,12 @@ from tqdm.auto import tqdm
 
 from nrfm.config import CONTINUOUS_ENDPOINTS, OBJECTIVES, PROTOCOLS, FinetuningConfig
 from nrfm.train.dro import GroupDRO, build_objective
+from nrfm.train.samplers import balanced_batches, balanced_row_probabilities, epoch_batches, importance_weights
 from nrfm.errors import CheckpointError, ConfigError, TrainingError
 from nrfm.files import atomic_torch_save, atomic_write_bytes, atomic_write_csv, atomic_write_json, safe_torch_load
 from nrfm.train.finetune_data import (GroupSpec, apply_in_batches, autocast, build_groups, cuts_of, frozen_inputs,
                                 to_device, regression_stats, split_backbone, standardise_targets,
-                                youden_thresholds, worst_site_mean_auc)
+                                worst_group_loss, youden_thresholds, worst_site_mean_auc)
 from nrfm.data.manifest import Fold, fold_rows
 from nrfm.eval.metrics import molecular_table
 
@@ -118,15 +128,17 @@ class FitResult:
     history: list[dict[str, Any]]
     best_epoch: int
     groups: GroupSpec
+    setting: dict[str, float] = field(default_factory=dict)
+    val_worst_group_loss: float = float("nan")
+    search: list[dict[str, Any]] = field(default_factory=list)
+    selection_key: tuple[int, float] = (2, float("inf"))  # lower is better; compared across grid points
+    val_worst_site_auc: float = float("nan")  # of the kept model, for the record
+    val_site_auc: dict[str, float] = field(default_factory=dict)
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
-    """Shuffled index batches; a last batch of one is merged into the previous one (BatchNorm needs two)."""
-    perm = torch.randperm(n, generator=generator)
-    batches = list(perm.split(batch_size))
-    if len(batches) > 1 and len(batches[-1]) < 2:
-        batches[-2] = torch.cat([batches[-2], batches.pop()])
-    return batches
+    """Shuffled index batches using every row exactly once; a last batch of one joins the previous one."""
+    return epoch_batches(n, batch_size, generator)
 
 
 def elementwise_loss(raw: Tensor, targets: Tensor, is_continuous: Tensor) -> tuple[Tensor, Tensor]:
@@ -147,10 +159,136 @@ def elementwise_loss(raw: Tensor, targets: Tensor, is_continuous: Tensor) -> tup
     return losses[known], known
 
 
+def _selection_key(worst_group: float, val_loss: float) -> tuple[int, float]:
+    """Lower is better: the worst-group validation loss; the mean validation loss only when no group qualifies."""
+    return (0, worst_group) if np.isfinite(worst_group) else (1, val_loss)
+
+
+class _Training:
+    """One fine-tuning run that can be advanced epoch by epoch (the search stops some runs early).
+
+    ``advance(epoch)`` trains up to that epoch, scoring validation after each; ``result()`` loads the kept epoch.
+    See :func:`fit` for what one epoch does.
+    """
+
+    def __init__(self, backbone: nn.Module, inputs: Tensor, manifest: pd.DataFrame, train_rows: np.ndarray,
+                 val_rows: np.ndarray, cfg: FinetuningConfig, objective: str, device: torch.device, seed: int,
+                 progress: bool, desc: str):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; valid: {list(OBJECTIVES)}")
+        self.cfg, self.device, self.desc, self.progress = cfg, device, desc, progress
+        self.inputs, self.manifest, self.train_rows, self.val_rows = inputs, manifest, train_rows, val_rows
+        self.endpoints = tuple(cfg.endpoints)
+        self.cuts = cuts_of(cfg)
+        torch.manual_seed(seed)
+        mean, std = regression_stats(manifest.iloc[train_rows], self.endpoints)
+        self.model = model = FinetuneModel(backbone, self.endpoints, mean, std).to(device)
+        self.split = split_backbone(model.backbone, cfg.mode)
+        if cfg.channels_last:
+            model.backbone.to(memory_format=torch.channels_last_3d)
+        self.targets = standardise_targets(manifest, self.endpoints, mean, std)  # (N, E) NaN = unknown
+        self.groups = groups = build_groups(manifest, self.endpoints, train_rows, cfg.dro_groups, self.cuts)
+        self.objective = build_objective(objective, len(groups.names), groups.counts, cfg.dro_eta,
+                                         cfg.dro_adjustment, groups.names, groups.task).to(device)
+        self.train_index = groups.index[train_rows]  # (n_train, E) group of each training label, -1 unknown
+        if objective == "erm":
+            self.probabilities, self.label_weight = None, None
+        else:
+            self.probabilities = balanced_row_probabilities(self.train_index, groups.task, groups.counts)
+            self.label_weight, _ = importance_weights(self.train_index, groups.counts, self.probabilities)
+        trainable = [p for m in self.split.tail_modules for p in m.parameters()]
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+        for p in trainable:
+            p.requires_grad_(True)
+        self.optimizer = torch.optim.AdamW([{"params": list(model.heads.parameters()), "lr": cfg.lr},
+                                            {"params": trainable, "lr": cfg.lr * cfg.backbone_lr_scale}],
+                                           weight_decay=cfg.weight_decay, foreach=True)  # one fused update
+        self.generator = torch.Generator().manual_seed(seed)
+        self.val_targets, self.val_index = self.targets[val_rows].to(device), groups.index[val_rows]
+        self.history: list[dict[str, Any]] = []
+        self.best, self.best_state, self.best_epoch, self.best_worst = (2, np.inf), None, 0, float("nan")
+        self.epoch = 0
+
+    def _train_epoch(self) -> float:
+        cfg, model, device, obj = self.cfg, self.model, self.device, self.objective
+        model.train()
+        model.backbone.eval()  # frozen stages keep their BatchNorm statistics
+        for m in self.split.tail_modules:
+            m.train()
+        obj.train()
+        n = len(self.train_rows)
+        batches = (_batches(n, cfg.batch_size, self.generator) if self.probabilities is None
+                   else balanced_batches(self.probabilities, n, cfg.batch_size, self.generator))
+        total, count = 0.0, 0
+        for batch in batches:
+            positions = batch.numpy()
+            rows = self.train_rows[positions]
+            x = to_device(self.inputs[rows], device, cfg.channels_last)
+            with autocast(device, cfg.bf16):
+                raw = model.head_outputs(self.split.tail(x)).float()
+            losses, known = elementwise_loss(raw, self.targets[rows].to(device), model.is_continuous)
+            if losses.numel() == 0:
+                continue
+            weight = None if self.label_weight is None else self.label_weight[positions].to(device)[known]
+            loss = obj.loss(losses, self.train_index[positions].to(device)[known], weight)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"{self.desc}: non-finite loss at epoch {self.epoch + 1}; lower finetuning.lr "
+                                    "or finetuning.dro_eta")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total, count = total + float(loss.detach()) * len(rows), count + len(rows)
+        return total / max(count, 1)
+
+    def _validation_outputs(self) -> Tensor:
+        return apply_in_batches(lambda z: self.model.head_outputs(self.split.tail(z)), self.inputs[self.val_rows],
+                                self.device, self.cfg.bf16, self.cfg.channels_last)
+
+    def advance(self, until_epoch: int) -> None:
+        """Train (and score validation after each epoch) up to ``until_epoch``."""
+        bar = tqdm(range(self.epoch + 1, until_epoch + 1), desc=self.desc, disable=not self.progress, leave=False)
+        for epoch in bar:
+            train_loss = self._train_epoch()
+            self.epoch = epoch
+            self.model.eval()
+            raw_val = self._validation_outputs()
+            val_losses, val_known = elementwise_loss(raw_val.to(self.device), self.val_targets, self.model.is_continuous)
+            worst, per_group = worst_group_loss(val_losses.detach().cpu(), self.val_index[val_known.cpu()], self.groups,
+                                                self.cfg.select_min_group_labels)
+            entry = {"epoch": epoch, "train_loss": train_loss, "val_loss": float(val_losses.mean()),
+                     "val_worst_group_loss": worst, "val_group_loss": per_group}
+            if isinstance(self.objective, GroupDRO):
+                entry["q"] = self.objective.q.detach().cpu().tolist()
+            self.history.append(entry)
+            key = _selection_key(worst, entry["val_loss"])
+            if key < self.best:  # ties keep the earlier epoch
+                self.best, self.best_epoch, self.best_worst = key, epoch, worst
+                self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{worst:.3f}")
+
+    def result(self) -> FitResult:
+        """The model at the kept epoch (eval mode), with the history and its worst-site validation AUC."""
+        self.model.load_state_dict(self.best_state)
+        self.model.eval()
+        # the worst-site mean validation AUC of the kept model, for the record only (selection is on the loss)
+        scores = self.model.to_output(self._validation_outputs().to(self.device)).cpu()
+        auc_score, per_site = worst_site_mean_auc(self.manifest.iloc[self.val_rows], self.endpoints, scores, self.cuts)
+        return FitResult(self.model, self.objective, self.history, self.best_epoch, self.groups,
+                         val_worst_group_loss=self.best_worst, selection_key=self.best,
+                         val_worst_site_auc=auc_score, val_site_auc=per_site)
+
+
 def fit(backbone: nn.Module, inputs: Tensor, manifest: pd.DataFrame, train_rows: np.ndarray, val_rows: np.ndarray,
         cfg: FinetuningConfig, objective: str, device: torch.device, seed: int, progress: bool = True,
         desc: str = "finetune") -> FitResult:
-    """Fine-tune ``backbone`` (modified in place) with heads on ``train_rows``, selecting on ``val_rows``.
+    """Fine-tune ``backbone`` (modified in place) with heads on ``train_rows``, selecting the epoch on ``val_rows``.
+
+    One point of the regularisation grid: ``cfg.weight_decay``, ``cfg.dro_eta`` and ``cfg.dro_adjustment``
+    (:func:`search_fit` runs the whole grid). ERM sees every training row once per epoch in shuffled batches;
+    reweighted ERM and group DRO see as many group-balanced draws (:mod:`nrfm.train.samplers`), with the sampler's
+    importance weights in their group means. The kept epoch has the lowest worst-group validation loss
+    (:func:`nrfm.train.finetune_data.worst_group_loss`).
 
     Args:
         inputs: (N, ...) inputs of the trainable part for every manifest row (see :func:`split_backbone`).
@@ -158,74 +296,74 @@ def fit(backbone: nn.Module, inputs: Tensor, manifest: pd.DataFrame, train_rows:
         train_rows, val_rows: integer row positions.
         objective: ``erm``, ``reweighted`` or ``dro``.
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; valid: {list(OBJECTIVES)}")
-    endpoints = tuple(cfg.endpoints)
-    cuts = cuts_of(cfg)
-    torch.manual_seed(seed)
-    mean, std = regression_stats(manifest.iloc[train_rows], endpoints)
-    model = FinetuneModel(backbone, endpoints, mean, std).to(device)
-    split = split_backbone(model.backbone, cfg.mode)
-    if cfg.channels_last:
-        model.backbone.to(memory_format=torch.channels_last_3d)
-    targets = standardise_targets(manifest, endpoints, mean, std)  # (N, E) NaN = unknown
-    groups = build_groups(manifest, endpoints, train_rows, cfg.dro_groups, cuts)
-    obj = build_objective(objective, len(groups.names), groups.counts, cfg.dro_eta, cfg.dro_adjustment,
-                          groups.names).to(device)
-    trainable = [p for m in split.tail_modules for p in m.parameters()]
-    for p in model.backbone.parameters():
-        p.requires_grad_(False)
-    for p in trainable:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW([{"params": list(model.heads.parameters()), "lr": cfg.lr},
-                                   {"params": trainable, "lr": cfg.lr * cfg.backbone_lr_scale}],
-                                  weight_decay=cfg.weight_decay, foreach=True)  # one fused update, not per tensor
-    generator = torch.Generator().manual_seed(seed)
-    val_y = manifest.iloc[val_rows]
-    history, best, best_state, best_epoch = [], -np.inf, None, 0
-    bar = tqdm(range(1, cfg.epochs + 1), desc=desc, disable=not progress, leave=False)
-    for epoch in bar:
-        model.train()
-        model.backbone.eval()  # frozen stages keep their BatchNorm statistics
-        for m in split.tail_modules:
-            m.train()
-        obj.train()
-        total, count = 0.0, 0
-        for batch in _batches(len(train_rows), cfg.batch_size, generator):
-            rows = train_rows[batch.numpy()]
-            x = to_device(inputs[rows], device, cfg.channels_last)
-            with autocast(device, cfg.bf16):
-                raw = model.head_outputs(split.tail(x)).float()
-            losses, known = elementwise_loss(raw, targets[rows].to(device), model.is_continuous)
-            if losses.numel() == 0:
-                continue
-            loss = obj.loss(losses, groups.index[rows].to(device)[known])
-            if not torch.isfinite(loss):
-                raise TrainingError(f"{desc}: non-finite loss at epoch {epoch}; lower finetuning.lr or "
-                                    "finetuning.dro_eta")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, count = total + float(loss.detach()) * len(rows), count + len(rows)
-        model.eval()
-        raw_val = apply_in_batches(lambda z: model.head_outputs(split.tail(z)), inputs[val_rows], device,
-                                   cfg.bf16, cfg.channels_last)
-        score, per_site = worst_site_mean_auc(val_y, endpoints, model.to_output(raw_val.to(device)).cpu(), cuts)
-        val_losses, _ = elementwise_loss(raw_val.to(device), targets[val_rows].to(device), model.is_continuous)
-        entry = {"epoch": epoch, "train_loss": total / max(count, 1), "val_loss": float(val_losses.mean()),
-                 "val_worst_site_auc": score, "val_site_auc": per_site}
-        if isinstance(obj, GroupDRO):
-            entry["q"] = obj.q.detach().cpu().tolist()
-        history.append(entry)
-        # NaN (no site evaluable) never beats a number; then the first epoch with the lowest val loss wins
-        key = score if np.isfinite(score) else -1e9 - entry["val_loss"]
-        if key > best:
-            best, best_epoch = key, epoch
-            best_state = copy.deepcopy(model.state_dict())
-        bar.set_postfix(loss=f"{entry['train_loss']:.3f}", val=f"{score:.3f}")
-    model.load_state_dict(best_state)
-    model.eval()
-    return FitResult(model, obj, history, best_epoch, groups)
+    run = _Training(backbone, inputs, manifest, train_rows, val_rows, cfg, objective, device, seed, progress, desc)
+    run.advance(cfg.epochs)
+    return run.result()
+
+
+def setting_label(objective: str, setting: dict[str, float]) -> str:
+    """Short name of a grid point, e.g. ``weight_decay=0.01 eta=0.1 C=0`` (eta and C for group DRO only)."""
+    label = f"weight_decay={setting['weight_decay']:g}"
+    if objective == "dro":
+        label += f" eta={setting['dro_eta']:g} C={setting['dro_adjustment']:g}"
+    return label
+
+
+def search_fit(backbone: nn.Module, inputs: Tensor, manifest: pd.DataFrame, train_rows: np.ndarray,
+               val_rows: np.ndarray, cfg: FinetuningConfig, objective: str, device: torch.device, seed: int,
+               progress: bool = True, desc: str = "finetune") -> FitResult:
+    """:func:`fit` over the points of ``cfg.settings(objective)``; keep the lowest worst-group validation loss.
+
+    Every point starts from its own copy of ``backbone`` (left unchanged) with the same seed, so the points of
+    one objective see the same batches and initial heads. With ``cfg.search_rung_epochs`` = r (0 < r < epochs)
+    and several points, the search is one round of successive halving (Jamieson & Talwalkar 2016): every point
+    trains r epochs, only the point with the lowest worst-group validation loss so far trains on to
+    ``cfg.epochs``, and it is the one kept (its kept epoch may be any of its epochs). With r = 0 every point trains
+    all epochs and the lowest score wins. Ties keep the earlier point of the grid. The result carries the chosen
+    ``setting`` and a ``search`` row per point (setting, epochs trained, best epoch, score).
+    """
+    settings = cfg.settings(objective)
+    rung = cfg.search_rung_epochs if 0 < cfg.search_rung_epochs < cfg.epochs and len(settings) > 1 else cfg.epochs
+    runs, rows = [], []
+    for setting in settings:
+        label = setting_label(objective, setting)
+        run = _Training(copy.deepcopy(backbone), inputs, manifest, train_rows, val_rows,
+                        dataclasses.replace(cfg, **setting), objective, device, seed, progress, f"{desc} {label}")
+        run.advance(rung)
+        runs.append(run)
+        used = setting if objective == "dro" else {**setting, "dro_eta": float("nan"), "dro_adjustment": float("nan")}
+        rows.append({"setting": label, **used})
+        leader = min(range(len(runs)), key=lambda k: (runs[k].best, k))
+        for k, other in enumerate(runs):  # a point behind the leader never trains again: free its weights
+            if k != leader:
+                other.best_state = other.model = other.optimizer = None
+    chosen = min(range(len(runs)), key=lambda k: (runs[k].best, k))
+    runs[chosen].advance(cfg.epochs)
+    best = runs[chosen].result()
+    for k, (run, row) in enumerate(zip(runs, rows)):
+        row.update({"epochs_trained": run.epoch, "best_epoch": run.best_epoch,
+                    "val_worst_group_loss": run.best_worst, "chosen": k == chosen,
+                    # no validation group with select_min_group_labels labels: the mean validation loss decided
+                    "selected_on": "worst_group_loss" if run.best[0] == 0 else "mean_val_loss"})
+    best.setting = {"setting": rows[chosen]["setting"], **settings[chosen]}
+    best.search = rows
+    return best
+
+
+def _write_selection(ctx, method: str, objective: str, protocol: str, rows: list[dict[str, Any]]) -> None:
+    """Replace this (backbone, objective, protocol)'s rows of ``metrics/finetune_selection.csv``."""
+    frame = pd.DataFrame(rows, columns=SELECTION_COLUMNS)
+    path = ctx.layout.metrics("finetune_selection")
+    if path.is_file() and path.stat().st_size > 0:
+        old = pd.read_csv(path, dtype={"backbone": str, "objective": str, "protocol": str, "fold": str})
+        stale = (old["backbone"] == method) & (old["objective"] == objective) & (old["protocol"] == protocol)
+        frame = pd.concat([old[~stale], frame], ignore_index=True)
+    frame = frame.sort_values(["backbone", "objective", "protocol", "fold", "setting"], kind="stable")
+    atomic_write_csv(path, frame.reset_index(drop=True))
+
+
+SELECTION_COLUMNS = ["backbone", "objective", "protocol", "fold", "setting", "weight_decay", "dro_eta",
+                     "dro_adjustment", "epochs_trained", "best_epoch", "val_worst_group_loss", "chosen", "selected_on"]
 
 
 # -------------------------------------------------------------------------------------------------- stage
@@ -328,14 +466,17 @@ def run_finetune_stage(ctx, method: str, objective: str, protocol: str, progress
     inputs = frozen_inputs(ctx, method, backbone, split, progress)
     if protocol == "pooled":
         emb = apply_in_batches(lambda z: split.tail(z), inputs, device, cfg.bf16, cfg.channels_last)
-        _write_embeddings(ctx.artifacts_dir / f"embeddings_{method}_pretrained.npz", manifest, emb)
+        _write_embeddings(ctx.layout.embeddings(method, "pretrained"), manifest, emb)
     endpoints, frames, history, checkpoint, notes = tuple(cfg.endpoints), [], {}, None, []
     folds = _fold_rows(manifest, protocol, _loso_pretrained_subjects(ctx, protocol))
     notes += [n for f in folds for n in f.notes]
     fingerprint = finetune_fingerprint_inputs(ctx, method, objective, backbone)
+    selection: list[dict[str, Any]] = []
     for k, (fold, train, val, test) in enumerate(folds):
-        result = fit(copy.deepcopy(backbone), inputs, manifest, train, val, cfg, objective, device,
-                     seed=ctx.config.seed + k, progress=progress, desc=f"{method}/{objective}/{fold}")
+        result = search_fit(backbone, inputs, manifest, train, val, cfg, objective, device,
+                            seed=ctx.config.seed + k, progress=progress, desc=f"{method}/{objective}/{fold}")
+        selection += [{"backbone": method, "objective": objective, "protocol": protocol, "fold": fold, **row}
+                      for row in result.search]
         tail = split_backbone(result.model.backbone, cfg.mode).tail
         raw = apply_in_batches(lambda z: result.model.head_outputs(tail(z)), inputs, device, cfg.bf16,
                                cfg.channels_last)
@@ -343,12 +484,14 @@ def run_finetune_stage(ctx, method: str, objective: str, protocol: str, progress
         thresholds = youden_thresholds(manifest.iloc[val], endpoints, outputs[val], cuts_of(cfg))
         frames.append(_predictions(manifest, outputs, fold, train, val, test, endpoints, thresholds, ctx.config.seed))
         history[fold] = {"epochs": result.history, "best_epoch": result.best_epoch, "groups": result.groups.names,
-                         "group_counts": result.groups.counts.tolist()}
+                         "group_counts": result.groups.counts.tolist(), "group_task": result.groups.task.tolist(),
+                         "tasks": result.groups.task_names, "setting": result.setting, "search": result.search,
+                         "val_worst_site_auc": result.val_worst_site_auc, "val_site_auc": result.val_site_auc}
         if protocol == "pooled":
             emb = apply_in_batches(tail, inputs, device, cfg.bf16, cfg.channels_last)
-            _write_embeddings(ctx.artifacts_dir / f"embeddings_{method}_{objective}.npz", manifest, emb,
+            _write_embeddings(ctx.layout.embeddings(method, objective), manifest, emb,
                               _sha256(fingerprint))
-            checkpoint = ctx.checkpoints_dir / method / f"finetune_{objective}_pooled.pt"
+            checkpoint = ctx.layout.finetuned_model(method, objective)
             atomic_torch_save(checkpoint, {
                 "format": CHECKPOINT_FORMAT, "method": method, "objective": objective, "mode": cfg.mode,
                 "arch": getattr(backbone, "arch", type(backbone).__name__), "endpoints": list(endpoints),
@@ -357,9 +500,10 @@ def run_finetune_stage(ctx, method: str, objective: str, protocol: str, progress
                 "groups": result.groups.names, "best_epoch": result.best_epoch,
                 "config_sha256": ctx.config.sha256(), "fingerprint": _sha256(fingerprint),
                 "fingerprint_inputs": json.dumps(fingerprint, sort_keys=True)})
+    _write_selection(ctx, method, objective, protocol, selection)
     predictions = pd.concat(frames, ignore_index=True)
-    pred_path = atomic_write_csv(ctx.artifacts_dir / f"predictions_{method}_{objective}_{protocol}.csv", predictions)
-    atomic_write_json(ctx.artifacts_dir / f"history_{method}_{objective}_{protocol}.json",
+    pred_path = atomic_write_csv(ctx.layout.predictions(method, objective, protocol), predictions)
+    atomic_write_json(ctx.layout.history(method, objective, protocol),
                       {"method": method, "objective": objective, "protocol": protocol, "mode": cfg.mode,
                        "config_sha256": ctx.config.sha256(), "folds": history})
     table = molecular_table(predictions, method, objective, protocol, ctx.config.seed, cuts_of(cfg),
@@ -420,8 +564,8 @@ def changed_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "")
 
 def _stale_reason(ctx, method: str, objective: str, inputs: dict[str, Any]) -> str:
     """Why the pooled model and embeddings of ``method``/``objective`` must be rebuilt ('' if they are current)."""
-    path = ctx.checkpoints_dir / method / f"finetune_{objective}_pooled.pt"
-    emb = ctx.artifacts_dir / f"embeddings_{method}_{objective}.npz"
+    path = ctx.layout.finetuned_model(method, objective)
+    emb = ctx.layout.embeddings(method, objective)
     if not path.is_file():
         return f"{path.name} missing"
     if not emb.is_file():
@@ -456,7 +600,7 @@ def load_finetuned(ctx, method: str, objective: str, backbone: nn.Module | None 
         CheckpointError: not a fine-tuning checkpoint of ``method``, weights that do not fit, or a checkpoint
             made with other settings than this run's (call :func:`ensure_finetuned` to rebuild it).
     """
-    path = ctx.checkpoints_dir / method / f"finetune_{objective}_pooled.pt"
+    path = ctx.layout.finetuned_model(method, objective)
     ckpt = safe_torch_load(path)
     if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("method") != method:
         raise CheckpointError(f"{path}: not a fine-tuning checkpoint of {method!r} (method {ckpt.get('method')!r}, "
@@ -513,5 +657,5 @@ def ensure_finetuned(ctx, method: str, progress: bool = True, backbone: nn.Modul
 
 def read_history(ctx, method: str, objective: str, protocol: str = "pooled") -> dict[str, Any] | None:
     """The training history written by :func:`run_finetune_stage` (None if that run has not happened)."""
-    path = ctx.artifacts_dir / f"history_{method}_{objective}_{protocol}.json"
+    path = ctx.layout.history(method, objective, protocol)
     return json.loads(path.read_text()) if path.is_file() else None

@@ -4,8 +4,11 @@
   mean and SD; unknown labels are NaN and never enter a loss.
 * Groups: one group per ``(endpoint, site, class)`` seen in training (``site_class``), or per
   ``(endpoint, site)`` (``site``) or ``(endpoint, class)`` (``class``); the class of a continuous endpoint is
-  its binarized label. Groups are enumerated from the training labels, so none is empty.
-* Model selection: the worst-site mean validation AUC (see :func:`worst_site_mean_auc`).
+  its binarized label. Groups are enumerated from the training labels, so none is empty. Each group belongs to
+  its endpoint (``GroupSpec.task``): group DRO keeps one q per endpoint.
+* Model selection: the worst-group validation loss (see :func:`worst_group_loss`), the same rule for every
+  objective, epoch and regularisation setting; the worst-site mean validation AUC
+  (:func:`worst_site_mean_auc`) is logged for reference only.
 * Inputs of the trainable part: where the frozen part of a backbone ends (:func:`split_backbone`) and its
   output for every subject, computed once per backbone and cached (:func:`frozen_inputs`).
 """
@@ -80,11 +83,16 @@ class GroupSpec:
         names: G names ``endpoint|site|class`` (``*`` where the grouping drops a part).
         counts: (G,) training labels per group (all > 0).
         index: (N, E) int64 group of each (row, endpoint) label; -1 if unknown or in no training group.
+        task: (G,) int64 endpoint of each group, numbered 0..T-1 over the endpoints that have a group (groups
+            of one endpoint are contiguous).
+        task_names: T endpoint names, in task order.
     """
 
     names: list[str]
     counts: Tensor
     index: Tensor
+    task: Tensor
+    task_names: list[str]
 
 
 def build_groups(frame: pd.DataFrame, endpoints: Sequence[str], train_rows: np.ndarray, grouping: str,
@@ -108,8 +116,45 @@ def build_groups(frame: pd.DataFrame, endpoints: Sequence[str], train_rows: np.n
     names = sorted(set(train_keys), key=lambda k: (list(endpoints).index(k.split("|")[0]), k))
     position = {name: g for g, name in enumerate(names)}
     index = np.vectorize(lambda k: position.get(k, -1) if k is not None else -1, otypes=[np.int64])(keys)
-    counts = torch.tensor([train_keys.count(n) for n in names], dtype=torch.float32)
-    return GroupSpec(names, counts, torch.from_numpy(index.reshape(len(frame), len(endpoints))))
+    tally = {}
+    for k in train_keys:
+        tally[k] = tally.get(k, 0) + 1
+    counts = torch.tensor([tally[n] for n in names], dtype=torch.float32)
+    task_names = list(dict.fromkeys(n.split("|")[0] for n in names))
+    task = torch.tensor([task_names.index(n.split("|")[0]) for n in names], dtype=torch.long)
+    return GroupSpec(names, counts, torch.from_numpy(index.reshape(len(frame), len(endpoints))), task, task_names)
+
+
+def worst_group_loss(losses: Tensor, group_idx: Tensor, groups: GroupSpec,
+                     min_labels: int = 1) -> tuple[float, dict[str, float]]:
+    """Model-selection score: mean over endpoints of the worst group's mean validation loss (lower is better).
+
+    For each endpoint, the mean loss of each of its (training-defined) groups over the validation labels in that
+    group; groups with fewer than ``min_labels`` validation labels are left out (one subject's loss is too noisy
+    to pick a model on); the endpoint's score is its worst group's loss. The endpoints' scores are averaged with
+    equal weights, the same combination as :class:`nrfm.train.dro.GroupDRO`'s objective: one maximum over all groups
+    would pick the endpoint with the largest loss scale (squared error of the continuous endpoints against BCE)
+    instead of the worst site or class within each endpoint.
+
+    Args:
+        losses: (M,) validation losses of the known labels; group_idx: (M,) their group (-1 = no training
+            group: ignored); groups: the training groups; min_labels: fewest validation labels per group.
+
+    Returns:
+        (score, {group name: mean loss} of the groups used); score NaN if no group has ``min_labels`` labels.
+    """
+    keep = group_idx >= 0
+    losses, group_idx = losses[keep].double().cpu(), group_idx[keep].long().cpu()
+    n_groups = len(groups.names)
+    counts = torch.bincount(group_idx, minlength=n_groups)
+    sums = torch.zeros(n_groups, dtype=torch.float64).index_add(0, group_idx, losses)
+    per_group, worst = {}, {}
+    for g in torch.nonzero(counts >= max(min_labels, 1)).flatten().tolist():
+        value = float(sums[g] / counts[g])
+        per_group[groups.names[g]] = value
+        task = int(groups.task[g])
+        worst[task] = max(worst.get(task, -np.inf), value)
+    return (float(np.mean(list(worst.values()))) if worst else float("nan")), per_group
 
 
 def youden_thresholds(val: pd.DataFrame, endpoints: Sequence[str], scores: Tensor,
@@ -261,7 +306,7 @@ def frozen_inputs(ctx, method: str, backbone: nn.Module, split: BackboneSplit, p
     dataset = ctx.dataset(progress=progress)
     key = _fingerprint(backbone, manifest, cfg, dataclasses.asdict(ctx.config.preprocessing),
                        _content_keys(dataset))[:16]
-    path = ctx.artifacts_dir / "cache" / f"finetune_inputs_{method}_{cfg.mode}_{key}.pt"
+    path = ctx.layout.feature_cache(method, cfg.mode, key)
     if path.is_file():
         try:
             return safe_torch_load(path)["inputs"]

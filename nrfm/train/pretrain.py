@@ -45,14 +45,15 @@ from lightly.utils.scheduler import cosine_warmup_schedule
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from nrfm.train import distributed
-from nrfm.models.backbones import Backbone, backbone_arch, build_backbone
-from nrfm.config import SSL_METHODS, Config
+from nrfm.config import Config, SSL_METHODS
 from nrfm.errors import CheckpointError, ConfigError, TrainingError
 from nrfm.files import atomic_torch_save, safe_torch_load
-from nrfm.train.monitor import RepresentationMonitor, autocast_context
+from nrfm.models.backbones import Backbone, backbone_arch, build_backbone
+from nrfm.pipeline.layout import PRETRAINED_FILE, RESUME_FILE
 from nrfm.ssl import build_method
 from nrfm.ssl.base import SSLMethod
+from nrfm.train import distributed
+from nrfm.train.monitor import RepresentationMonitor, autocast_context
 from nrfm.ssl.views import (BatchAugment, EpochSampler, SampleViews, ViewDataset, _item_seed, batch_generator,
                         check_view_sizes, view_recipe)
 
@@ -243,7 +244,7 @@ def _train(method_name: str, cfg: Config, dataset: Dataset, manifest: pd.DataFra
     on_device = pcfg.batch_augment and pcfg.augment_on == "device"
     augment = BatchAugment() if (recipe.strong and on_device) else None
 
-    last = checkpoint_dir / "last.pt"
+    last = checkpoint_dir / RESUME_FILE
     rows: list[dict] = []
     start_epoch = 0
     if last.is_file():
@@ -313,7 +314,7 @@ def _train(method_name: str, cfg: Config, dataset: Dataset, manifest: pd.DataFra
                                      "optimizer": optimizer.state_dict(), "log": rows})
         distributed.barrier()
     bar.close()
-    final = checkpoint_dir / "backbone.pt"
+    final = checkpoint_dir / PRETRAINED_FILE
     if dinfo.is_main:
         atomic_torch_save(final, {"format": CHECKPOINT_FORMAT, "method": method_name, "arch": arch,
                                   "fingerprint": fingerprint, "epoch": epochs, "input_size": list(volume),

@@ -162,3 +162,103 @@ def test_group_dro_raises_worst_group_accuracy_on_a_planted_shortcut():
     # group DRO trades some average accuracy for the worst group
     assert min(dro_groups) > min(erm_groups) + 0.2
     assert min(dro_groups) > 0.6
+
+
+# ------------------------------------------------------------------------------- one q per task (endpoint)
+def test_per_task_q_is_algorithm_1_run_per_task_and_averaged():
+    """Groups 0-2 belong to task 0, groups 3-4 to task 1: two independent copies of Algorithm 1 (each with
+    its own q over its own groups), and the objective is the mean of the two robust losses."""
+    task = [0, 0, 0, 1, 1]
+    counts = [30, 4, 9, 12, 2]
+    rng = np.random.default_rng(4)
+    batches = []
+    for b in range(6):
+        groups = rng.integers(0, 5, size=9).tolist()
+        if b == 2:
+            groups = [g for g in groups if g < 3] or [0]  # a batch without task 1
+        batches.append((rng.uniform(0, 3, size=len(groups)).tolist(), groups))
+    local = {0: [0, 1, 2], 1: [3, 4]}
+    for adjustment in (0.0, 1.5):
+        refs = {}
+        for t, members in local.items():
+            sub = [([loss for loss, g in zip(ls, gs) if g in members], [members.index(g) for g in gs if g in members])
+                   for ls, gs in batches]
+            refs[t] = reference_group_dro(sub, len(members), eta=0.4, adjustment=adjustment,
+                                          counts=[counts[g] for g in members])
+        dro = GroupDRO(5, eta=0.4, adjustment=adjustment, group_counts=counts, group_task=task).train()
+        for b, (losses, groups) in enumerate(batches):
+            robust = dro.loss(torch.tensor(losses, dtype=torch.float64), torch.tensor(groups))
+            q_ref = refs[0][b][0] + refs[1][b][0]
+            np.testing.assert_allclose(dro.q.numpy(), q_ref, rtol=1e-6)
+            present = [t for t, members in local.items() if any(g in members for g in groups)]
+            assert robust.item() == pytest.approx(np.mean([refs[t][b][1] for t in present]), rel=1e-6)
+        assert dro.q[:3].sum().item() == pytest.approx(1.0) and dro.q[3:].sum().item() == pytest.approx(1.0)
+
+
+def test_weights_in_group_means_and_reweighted_per_task():
+    losses = torch.tensor([1.0, 3.0, 2.0, 5.0])
+    groups = torch.tensor([0, 0, 1, 2])
+    weight = torch.tensor([3.0, 1.0, 1.0, 1.0])
+    dro = GroupDRO(3, eta=1e-9, group_task=[0, 0, 1]).eval()
+    # group 0's weighted mean (3*1 + 1*3) / 4 = 1.5; task 0 = (1.5 + 2) / 2, task 1 = 5; mean of tasks
+    assert dro.loss(losses, groups, weight).item() == pytest.approx(((1.5 + 2.0) / 2 + 5.0) / 2)
+    rw = ReweightedERM(3, [10, 5, 1], group_task=[0, 0, 1])
+    # task 0: weights w/n_g = (0.3, 0.1, 0.2) -> (0.3 + 0.3 + 0.4) / 0.6; task 1: 5
+    assert rw.loss(losses, groups, weight).item() == pytest.approx(((0.3 + 0.3 + 0.4) / 0.6 + 5.0) / 2)
+    assert ERM(3).loss(losses, groups, weight).item() == pytest.approx((3 + 3 + 2 + 5) / 6)
+    with pytest.raises(ValueError, match="without groups"):
+        GroupDRO(3, eta=0.1, group_task=[0, 2, 2])
+
+
+# ------------------------------------------------------ minibatches: balanced sampling against natural sampling
+def _waterbirds_like(n, minority_fraction, rng):
+    """Label y; spurious feature s = (2y - 1) in the majority groups, reversed in the minority groups (with
+    little noise); core feature c = (2y - 1) + N(0, 1), the same in every group. Groups = 2y + [s agrees]."""
+    y = rng.integers(0, 2, size=n)
+    minority = rng.random(n) < minority_fraction
+    sign = np.where(minority, -1.0, 1.0)
+    spurious = sign * (2 * y - 1) + rng.normal(0, 0.2, size=n)
+    core = (2 * y - 1) + rng.normal(0, 1.0, size=n)
+    x = np.stack([core, spurious], axis=1).astype(np.float32)
+    groups = 2 * y + (~minority).astype(int)
+    return torch.from_numpy(x), torch.from_numpy(y).float(), torch.from_numpy(groups)
+
+
+def _train_minibatch(objective, x, y, groups, balanced, epochs=15, batch_size=32, lr=0.05, seed=0):
+    from nrfm.train.samplers import balanced_batches, balanced_row_probabilities, epoch_batches
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = torch.nn.Linear(x.shape[1], 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    counts = torch.bincount(groups, minlength=4).float()
+    p = balanced_row_probabilities(groups.unsqueeze(1), torch.zeros(4, dtype=torch.long), counts)
+    for _ in range(epochs):
+        batches = (balanced_batches(p, len(y), batch_size, generator) if balanced
+                   else epoch_batches(len(y), batch_size, generator))
+        for batch in batches:
+            per_example = torch.nn.functional.binary_cross_entropy_with_logits(model(x[batch]).squeeze(1), y[batch],
+                                                                               reduction="none")
+            loss = objective.loss(per_example, groups[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model
+
+
+def test_balanced_group_dro_recovers_the_worst_group_where_erm_fails():
+    rng = np.random.default_rng(0)
+    x, y, groups = _waterbirds_like(2000, 0.03, rng)
+    x_test, y_test, groups_test = _waterbirds_like(4000, 0.5, rng)
+    counts = torch.bincount(groups, minlength=4)
+    assert 10 < int(counts.min()) < 60  # two small minority groups
+    erm = _train_minibatch(ERM(4), x, y, groups, balanced=False)
+    dro = _train_minibatch(GroupDRO(4, eta=0.1, group_counts=counts), x, y, groups, balanced=True)
+    erm_groups, _ = _group_accuracy(erm, x_test, y_test, groups_test)
+    dro_groups, _ = _group_accuracy(dro, x_test, y_test, groups_test)
+    assert min(erm_groups) < 0.4  # ERM follows the spurious feature: the minority groups are mostly wrong
+    assert min(dro_groups) > 0.65  # group DRO leans on the core feature
+    assert min(dro_groups) > min(erm_groups) + 0.3
+    # the same group DRO on natural-frequency batches (the minority groups absent from most of them) does worse
+    natural = _train_minibatch(GroupDRO(4, eta=0.1, group_counts=counts), x, y, groups, balanced=False)
+    assert min(dro_groups) > min(_group_accuracy(natural, x_test, y_test, groups_test)[0]) + 0.05

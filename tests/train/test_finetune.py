@@ -10,7 +10,8 @@ from torch import nn
 from nrfm.config import BINARY_ENDPOINTS, CONTINUOUS_ENDPOINTS, ENDPOINTS, AnalysesConfig, Config, FinetuningConfig
 from nrfm.pipeline.context import RunContext
 from nrfm.train.finetune import FinetuneModel, elementwise_loss, load_finetuned, read_history, run_finetune_stage
-from nrfm.train.finetune_data import build_groups, split_backbone, standardise_targets, worst_site_mean_auc
+from nrfm.train.finetune_data import (build_groups, split_backbone, standardise_targets, worst_group_loss,
+                                worst_site_mean_auc)
 
 SIZE = 16
 CUTS = {"ki67": 10.0, "tp53_ihc": 10.0}
@@ -51,7 +52,8 @@ def fake_context(tmp_path, n=60, seed=0, **finetuning):
     images = rng.normal(size=(n, 4, SIZE, SIZE, SIZE)).astype(np.float32)
     images[:, 0] += latent[:, None, None, None]
     data = [{"image": images[i], "index": i} for i in range(n)]
-    cfg = Config(finetuning=FinetuningConfig(**{"epochs": 2, "batch_size": 8, **finetuning}),
+    one_point = {"search_weight_decay": (), "search_dro_eta": ()}  # the search has its own test
+    cfg = Config(finetuning=FinetuningConfig(**{"epochs": 2, "batch_size": 8, **one_point, **finetuning}),
                  analyses=AnalysesConfig(bootstrap=20))
     return RunContext(config=cfg, run_dir=tmp_path, manifest=df, cohort_dir=tmp_path, _dataset=data)
 
@@ -135,7 +137,10 @@ def test_end_to_end_artifacts_and_round_trip(tmp_path):
     path = ctx.checkpoints_dir / "byol" / "finetune_dro_pooled.pt"
     raw = torch.load(path, weights_only=True)
     assert raw["objective_state"]["q"].shape == (len(raw["groups"]),)
-    assert raw["objective_state"]["q"].sum().item() == pytest.approx(1.0)
+    q, task = raw["objective_state"]["q"], raw["objective_state"]["task"]
+    assert task.shape == q.shape and [g.split("|")[0] for g in raw["groups"]] == [ENDPOINTS[t] for t in task]
+    for t in task.unique():  # one distribution over site x class groups per endpoint
+        assert q[task == t].sum().item() == pytest.approx(1.0, abs=1e-5)
     model = load_finetuned(ctx, "byol", "dro", backbone=TinyBackbone())
     assert isinstance(model, FinetuneModel) and model.endpoints == ENDPOINTS
     x = torch.from_numpy(np.stack([ctx.dataset()[i]["image"] for i in range(4)]))
@@ -303,3 +308,64 @@ def test_frozen_feature_cache_is_keyed_by_spacing_and_input_content(tmp_path):
     with torch.no_grad():
         expected = split.trunk(torch.as_tensor(ctx._dataset[0]["image"])[None])
     torch.testing.assert_close(after[0:1], expected, rtol=1e-4, atol=1e-4)
+def test_worst_group_loss_is_the_mean_over_endpoints_of_each_worst_group():
+    frame = pd.DataFrame({"site": ["A", "A", "B", "B"], "idh": [1, 0, 1, 0], "ki67": [1.0, 20.0, 2.0, 40.0]})
+    groups = build_groups(frame, ("idh", "ki67"), np.arange(4), "site_class", CUTS)
+    assert groups.task_names == ["idh", "ki67"] and groups.task.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    index = groups.index.flatten()
+    losses = torch.tensor([0.1, 5.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])  # row-major (row, endpoint)
+    score, per_group = worst_group_loss(losses, index, groups)
+    # idh: worst group 0.6 (idh|B|1); ki67: worst 5.0 (ki67|A|0): a plain max over all groups would be 5.0
+    assert score == pytest.approx((0.6 + 5.0) / 2) and len(per_group) == 8
+    score, per_group = worst_group_loss(losses, index, groups, min_labels=2)
+    assert np.isnan(score) and per_group == {}  # every group has one validation label
+
+
+def test_regularisation_grid_and_selection_file(tmp_path):
+    cfg = FinetuningConfig()
+    assert cfg.objectives == ("erm", "reweighted", "dro")
+    assert len(cfg.settings("erm")) == len(cfg.settings("reweighted")) == 2 and len(cfg.settings("dro")) == 4
+    ctx = fake_context(tmp_path, mode="linear", search_weight_decay=(1e-4, 1e-2), search_dro_eta=(0.01, 0.1))
+    run_finetune_stage(ctx, "byol", "dro", "pooled", progress=False, backbone=TinyBackbone())
+    run_finetune_stage(ctx, "byol", "erm", "pooled", progress=False, backbone=TinyBackbone())
+    table = ctx.read_metrics("finetune_selection")
+    assert list(table.columns) == ["backbone", "objective", "protocol", "fold", "setting", "weight_decay", "dro_eta",
+                                   "dro_adjustment", "epochs_trained", "best_epoch", "val_worst_group_loss", "chosen",
+                                   "selected_on"]
+    dro = table[table["objective"] == "dro"]
+    assert len(dro) == 4 and len(table[table["objective"] == "erm"]) == 2 and dro["chosen"].sum() == 1
+    assert table[table["objective"] == "erm"]["dro_eta"].isna().all()  # eta is not a setting of ERM
+    assert set(table["selected_on"]) <= {"worst_group_loss", "mean_val_loss"}
+    chosen = dro[dro["chosen"]].iloc[0]
+    assert chosen["val_worst_group_loss"] == dro["val_worst_group_loss"].min()
+    history = read_history(ctx, "byol", "dro")["folds"]["pooled"]
+    assert history["setting"]["setting"] == chosen["setting"]
+    kept = history["epochs"][history["best_epoch"] - 1]
+    assert kept["val_worst_group_loss"] == pytest.approx(chosen["val_worst_group_loss"])
+    assert kept["val_worst_group_loss"] == min(e["val_worst_group_loss"] for e in history["epochs"])
+    # a rerun of one (backbone, objective, protocol) replaces its rows and keeps the others
+    ctx2 = fake_context(tmp_path, mode="linear")
+    run_finetune_stage(ctx2, "byol", "dro", "pooled", progress=False, backbone=TinyBackbone())
+    table = ctx2.read_metrics("finetune_selection")
+    assert len(table[table["objective"] == "dro"]) == 1 and len(table[table["objective"] == "erm"]) == 2
+
+
+def test_reweighted_runs_on_balanced_draws(tmp_path):
+    ctx = fake_context(tmp_path, mode="linear")
+    result = run_finetune_stage(ctx, "byol", "reweighted", "pooled", progress=False, backbone=TinyBackbone())
+    assert set(result.metrics["objective"]) == {"reweighted"}
+    assert read_history(ctx, "byol", "reweighted")["folds"]["pooled"]["setting"]["setting"] == "weight_decay=0.0001"
+
+
+def test_successive_halving_trains_only_the_leader_to_the_end(tmp_path):
+    ctx = fake_context(tmp_path, mode="linear", epochs=4, search_rung_epochs=1, search_weight_decay=(1e-4, 1e-2),
+                       search_dro_eta=(0.01, 0.1))
+    run_finetune_stage(ctx, "byol", "dro", "pooled", progress=False, backbone=TinyBackbone())
+    table = ctx.read_metrics("finetune_selection")
+    chosen, others = table[table["chosen"]], table[~table["chosen"]]
+    assert len(chosen) == 1 and chosen["epochs_trained"].tolist() == [4] and (others["epochs_trained"] == 1).all()
+    assert (others["best_epoch"] == 1).all()
+    # the leader at the rung is the point kept, and training on can only lower its score
+    assert chosen["val_worst_group_loss"].iloc[0] <= others["val_worst_group_loss"].min()
+    history = read_history(ctx, "byol", "dro")["folds"]["pooled"]
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2, 3, 4]
