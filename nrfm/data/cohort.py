@@ -12,8 +12,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from nrfm.schema import BINARY_ENDPOINTS, CONTINUOUS_ENDPOINTS, CONTRASTS
 from nrfm.pipeline.context import RunContext
+from nrfm.schema import BINARY_ENDPOINTS, CONTINUOUS_ENDPOINTS, CONTRASTS
 
 
 

@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from nrfm.config import PROTOCOLS
 from nrfm.errors import LeakageError, ManifestError
+from nrfm.schema import MANIFEST_COLUMNS as COLUMNS
 from nrfm.schema import (BINARY_ENDPOINTS, CONTINUOUS_ENDPOINTS, ENDPOINTS, IMAGE_COLUMNS, NUMERIC_COLUMNS,
                          PATH_COLUMNS, REQUIRED_COLUMNS, SPLITS, STRING_COLUMNS, SURVIVAL_COLUMNS)
-from nrfm.schema import MANIFEST_COLUMNS as COLUMNS
 # Cells that mean "unknown" in a numeric column; anything else that is not a number is an error.
 UNKNOWN_VALUES = frozenset({"", "na", "n/a", "nan", "none", "null", "unknown"})
 
@@ -524,8 +525,6 @@ def fold_rows(df: pd.DataFrame, protocol: str, pretrained_subjects: "set[str] | 
         ValueError: unknown protocol. ManifestError: rows without a split; loso with fewer than two sites.
         LeakageError: a patient in two splits (pooled), or on both sides of a fold (never after the rules above).
     """
-    from nrfm.config import PROTOCOLS
-
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; valid: {list(PROTOCOLS)}")
     split, site = df["split"].astype(str).to_numpy(), df["site"].astype(str).to_numpy()

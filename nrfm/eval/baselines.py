@@ -37,6 +37,12 @@ import numpy as np
 import pandas as pd
 
 from nrfm.config import BINARY_ENDPOINTS, CONTINUOUS_ENDPOINTS, PROTOCOLS, SSL_METHODS
+from nrfm.data.manifest import loso_folds
+from nrfm.eval.handcrafted import feature_table_of_run
+from nrfm.eval.metrics import binarize, molecular_table, youden_threshold
+from nrfm.eval.site_invariance import load_embeddings
+from nrfm.files import atomic_write_csv, atomic_write_json
+from nrfm.train.finetune_data import cuts_of
 
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 ALPHA_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)
@@ -188,8 +194,6 @@ def baseline_folds(manifest: pd.DataFrame, protocol: str) -> list[tuple[str, np.
     if protocol == "pooled":
         split = manifest["split"].astype(str).to_numpy()
         return [("pooled", *(np.flatnonzero(split == s) for s in ("train", "val", "test")))]
-    from nrfm.data.manifest import loso_folds
-
     out = []
     for site, frame in loso_folds(manifest):
         split = frame["split"].astype(str).to_numpy()
@@ -231,8 +235,6 @@ def baseline_predictions(manifest: pd.DataFrame, features: pd.DataFrame | np.nda
         fold with its role in ``split``; choices: one dict per (fold, endpoint) with the chosen penalty and its
         validation score.
     """
-    from nrfm.eval.metrics import binarize, youden_threshold
-
     manifest = manifest.reset_index(drop=True)
     x = _feature_matrix(manifest, features)
     folds = baseline_folds(manifest, protocol) if folds is None else folds
@@ -288,9 +290,6 @@ def baseline_name(baseline: str) -> tuple[str, str]:
 
 def handcrafted_features_of_run(ctx, progress: bool = True) -> pd.DataFrame:
     """The handcrafted feature table of a run, computed once and kept in ``artifacts/handcrafted_features.csv``."""
-    from nrfm.files import atomic_write_csv
-    from nrfm.eval.handcrafted import feature_table_of_run
-
     path = ctx.layout.handcrafted_features
     ids = ctx.manifest["subject_id"].astype(str).tolist()
     if path.is_file():
@@ -323,10 +322,6 @@ def run_baseline_stage(ctx, baseline: str, protocol: str = "pooled", progress: b
         ``artifacts/handcrafted_features.csv`` (handcrafted only), and merges the rows of
         :func:`nrfm.eval.metrics.molecular_table` into ``metrics/molecular.csv``.
     """
-    from nrfm.files import atomic_write_csv, atomic_write_json
-    from nrfm.train.finetune_data import cuts_of
-    from nrfm.eval.metrics import molecular_table
-
     start = time.perf_counter()
     backbone, objective = baseline_name(baseline)
     if protocol not in PROTOCOLS:
@@ -336,8 +331,6 @@ def run_baseline_stage(ctx, baseline: str, protocol: str = "pooled", progress: b
         if baseline == HANDCRAFTED:
             features = handcrafted_features_of_run(ctx, progress)
         else:
-            from nrfm.eval.site_invariance import load_embeddings
-
             features = load_embeddings(ctx, baseline, "pretrained")
     endpoints, cuts = tuple(cfg.endpoints), cuts_of(cfg)
     predictions, choices = baseline_predictions(ctx.manifest, features, endpoints, cuts, seed, protocol, folds)

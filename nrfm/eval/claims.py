@@ -45,9 +45,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nrfm.config import BINARY_ENDPOINTS
+from nrfm.config import BINARY_ENDPOINTS, load_config
 from nrfm.eval import bootstrap
+from nrfm.eval.site_invariance import pca_silhouette
+from nrfm.files import atomic_write_csv
+from nrfm.pipeline.context import open_run
 from nrfm.pipeline.layout import RunLayout
+from nrfm.pipeline.provenance import describe_context
 
 ALPHA = 0.025  # one-sided, family-wise (Holm)
 COMPARISONS = (("dro", "erm"), ("dro", "reweighted"))  # (objective tested, baseline): gain = first - second
@@ -395,8 +399,6 @@ def site_mixing_rows(run_dir: Path, methods: list[str], n_boot: int, pca_compone
                      seed: int = 0, min_distinct: float = 1.0) -> list[dict]:
     """Paired difference of the mean silhouette width by site (test subjects, PCA fitted on training subjects);
     resamples: test patients whole, within site."""
-    from nrfm.eval.site_invariance import pca_silhouette
-
     claim = next(c for c in CLAIMS if c.kind == "site_mixing")
     manifest = read_manifest(run_dir)
     if manifest is None or "split" not in manifest:
@@ -635,10 +637,6 @@ class SummaryScope:
 
 def open_summary(config: str, run_dir: str) -> SummaryScope:
     """A sweep folder (``runs/*`` with metrics) or a single run (opened, or started when ``run_dir`` is empty)."""
-    from nrfm.config import load_config
-    from nrfm.pipeline.context import open_run
-    from nrfm.pipeline.provenance import describe_context
-
     runs = find_runs(Path(run_dir)) if run_dir else []
     if run_dir and runs != [Path(run_dir)]:
         return SummaryScope(Path(run_dir), runs, True, load_config(config),
@@ -649,8 +647,6 @@ def open_summary(config: str, run_dir: str) -> SummaryScope:
 
 def scope_verdicts(scope: SummaryScope) -> pd.DataFrame:
     """:func:`all_verdicts` of every run in the scope (each run its own Holm family), a ``run`` column first."""
-    from nrfm.config import load_config
-
     tables = []
     for run in scope.runs:
         cfg = load_config(run / "config.yaml") if (run / "config.yaml").is_file() else scope.config
@@ -665,7 +661,5 @@ def scope_verdicts(scope: SummaryScope) -> pd.DataFrame:
 def write_verdicts(scope: SummaryScope, verdicts: pd.DataFrame) -> Path:
     """Replace ``metrics/verdicts.csv`` (every claim is recomputed: rows of an earlier version must not linger);
     a single run's file has no ``run`` column."""
-    from nrfm.files import atomic_write_csv
-
     frame = verdicts if scope.is_sweep else verdicts.drop(columns="run", errors="ignore")
     return atomic_write_csv(RunLayout(scope.run_dir).metrics("verdicts"), frame)

@@ -79,6 +79,9 @@ from tqdm.auto import tqdm
 
 from nrfm.config import CONTINUOUS_ENDPOINTS
 from nrfm.errors import ConfigError
+from nrfm.eval import bootstrap
+from nrfm.files import atomic_write_csv
+from nrfm.train.finetune import load_finetuned
 
 GRADCAM_COLUMNS = ("backbone", "objective", "endpoint", "site", "cam_in_tumor", "cam_in_peritumoral",
                    "tumor_volume_fraction")
@@ -311,8 +314,6 @@ def random_init_copy(model: nn.Module, seed: int = 0) -> nn.Module:
 # ---- stage ------------------------------------------------------------------------------------------------------
 def load_finetuned_model(ctx, method: str, objective: str) -> nn.Module:
     """The fine-tuned model of ``method`` and ``objective`` (:func:`nrfm.train.finetune.load_finetuned`)."""
-    from nrfm.train.finetune import load_finetuned
-
     return load_finetuned(ctx, method, objective)
 
 
@@ -413,8 +414,6 @@ def enrichment_ci(cam_share: np.ndarray, volume_share: np.ndarray, n_boot: int, 
                   alpha: float = 0.05, clusters: Sequence[str] | None = None) -> tuple[float, float]:
     """Percentile bootstrap CI (:mod:`nrfm.eval.bootstrap`, patients drawn whole) of
     ``mean(cam_share) / mean(volume_share)``."""
-    from nrfm.eval import bootstrap
-
     cam_share, volume_share = np.asarray(cam_share, float), np.asarray(volume_share, float)
     if len(cam_share) < 2 or n_boot < 1:
         return np.nan, np.nan
@@ -494,8 +493,6 @@ def gradcam_table(ctx, methods: Sequence[str], objectives: Sequence[str] | None 
     Also writes per-subject scores (the trained maps, their shuffled-mask scores and the random-init maps'
     ``random_init_*`` scores) to ``artifacts/gradcam_subjects_{method}_{objective}_{endpoint}.csv``.
     """
-    from nrfm.files import atomic_write_csv
-
     seed = ctx.config.seed
     endpoint = endpoint or ctx.config.analyses.gradcam_endpoint
     objectives = tuple(objectives or [o for o in ("erm", "dro") if o in ctx.config.finetuning.objectives])

@@ -28,8 +28,8 @@ import pandas as pd
 from scipy.stats import rankdata, spearmanr
 from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, roc_auc_score, roc_curve
 
-from nrfm.eval import bootstrap
 from nrfm.config import BINARY_ENDPOINTS, CONTINUOUS_ENDPOINTS, ENDPOINTS
+from nrfm.eval import bootstrap
 
 MOLECULAR_COLUMNS = ("backbone", "objective", "protocol", "seed", "site", "endpoint", "n", "n_pos",
                      "balanced_accuracy", "auc", "auc_ci_low", "auc_ci_high", "mae", "spearman")

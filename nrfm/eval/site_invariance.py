@@ -46,6 +46,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from nrfm.errors import DataError, LeakageError, RunError
+from nrfm.eval import bootstrap
+from nrfm.train.monitor import _folds, cross_validated_probe
 
 STAGES = ("pretrained", "erm", "dro")
 REFERENCE_STAGES = ("preprocessing_baseline", "positive_control")  # rows with backbone "none"
@@ -135,8 +137,6 @@ def stratified_bootstrap_ci(statistic: Callable[[np.ndarray], float], n: int, n_
     Returns:
         (low, high); NaN, NaN when a resample is undefined.
     """
-    from nrfm.eval import bootstrap
-
     counts = bootstrap.draw(n, n_boot, seed, clusters=clusters, strata=strata)
     values = np.array([statistic(bootstrap.indices(row)) for row in counts], dtype=float)
     return bootstrap.percentile_ci(values, alpha)
@@ -188,8 +188,6 @@ def site_probe_predictions(embedding: np.ndarray, sites: Sequence[str], n_folds:
     Raises:
         ValueError: a site with fewer than 2 subjects (patients), or fewer than 2 sites.
     """
-    from nrfm.train.monitor import _folds, cross_validated_probe
-
     sites = np.asarray(sites).astype(str)
     labels, counts = np.unique(sites, return_counts=True)
     if len(labels) < 2 or counts.min() < 2 or _folds(sites, n_folds, groups) < 2:

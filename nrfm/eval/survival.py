@@ -45,6 +45,10 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
+from nrfm.eval.metrics import bootstrap_ci
+from nrfm.eval.site_invariance import load_embeddings
+from nrfm.files import atomic_write_csv
+from nrfm.train.dro import GroupDRO
 
 SURVIVAL_COLUMNS = ("backbone", "objective", "site", "n", "events", "c_index", "ci_low", "ci_high", "logrank_p")
 EXTRA_COLUMNS = ("note", "model", "penalizer", "n_train", "train_events", "n_features")
@@ -203,8 +207,6 @@ class DROCoxHead:
         """Fit on (n, p) features, (n,) times, events and integer site indices in [0, n_sites)."""
         import torch
 
-        from nrfm.train.dro import GroupDRO
-
         torch.manual_seed(self.seed)
         x = torch.as_tensor(X, dtype=torch.float64)
         t = torch.as_tensor(time, dtype=torch.float64)
@@ -294,8 +296,6 @@ def evaluate_risk(time: np.ndarray, event: np.ndarray, risk: np.ndarray, thresho
     """c-index with bootstrap CI and the log-rank p of risk > ``threshold`` versus the rest, for one site."""
     from lifelines.statistics import logrank_test
 
-    from nrfm.eval.metrics import bootstrap_ci
-
     n, events = len(time), int(np.sum(event))
     row = {"n": n, "events": events, "c_index": np.nan, "ci_low": np.nan, "ci_high": np.nan, "logrank_p": np.nan}
     if events < min_events:
@@ -329,8 +329,6 @@ def survival_risk_table(ctx, method: str, objective: str) -> tuple[pd.DataFrame,
         (frame of cohort exams: subject_id, patient_id, site, split, os_days, os_event, risk, high_risk; fit info
         dict with penalizer, threshold (training median risk), n_train, train_events, n_features and note).
     """
-    from nrfm.eval.site_invariance import load_embeddings
-
     cfg = ctx.config.analyses
     man = ctx.manifest
     keep = survival_cohort(man)
@@ -374,8 +372,6 @@ def survival_table(ctx, methods: Sequence[str], objectives: Sequence[str] | None
     test patient; risk NaN when the model was not fitted), read by the Kaplan-Meier figure and by paired
     comparisons of the objectives.
     """
-    from nrfm.files import atomic_write_csv
-
     cfg = ctx.config.analyses
     objectives = tuple(objectives or [o for o in MODELS if o in ctx.config.finetuning.objectives])
     rows = []

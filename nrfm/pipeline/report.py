@@ -18,6 +18,7 @@ import nbformat
 import numpy as np
 import pandas as pd
 
+from nrfm.eval.claims import verdict_tone
 from nrfm.files import atomic_write_text
 from nrfm.pipeline.layout import RunLayout
 
@@ -157,8 +158,6 @@ def _verdict_html(run_dir: Path) -> str:
     """Grid: one row per claim, comparison (or objective) and, for per-site claims, site; one column per backbone.
     Every row of ``metrics/verdicts.csv`` appears in exactly one cell (a cell lists all rows that share its key),
     with the measured difference, its CI and the Holm-adjusted p; the full table behind a toggle."""
-    from nrfm.eval.claims import verdict_tone
-
     path = RunLayout(run_dir).metrics("verdicts")
     if not path.is_file():
         return "<p>No verdict table (the summary notebook did not run in this run).</p>"

@@ -17,9 +17,9 @@ import pandas as pd
 from sklearn.metrics import roc_curve
 
 from nrfm.config import ENDPOINTS
+from nrfm.eval.metrics import auc, binarize, paired_bootstrap
 from nrfm.train.finetune import read_history
 from nrfm.train.finetune_data import cuts_of
-from nrfm.eval.metrics import auc, binarize, paired_bootstrap
 
 LABELS = {"erm": "ERM", "dro": "+DRO", "reweighted": "reweighted"}
 COLORS = {"erm": "tab:blue", "dro": "tab:red", "reweighted": "tab:green"}

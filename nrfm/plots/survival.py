@@ -11,11 +11,10 @@ import numpy as np
 import pandas as pd
 
 from nrfm.errors import RunError
+from nrfm.eval.survival import survival_risk_path
 
 
 def _risk_frame(ctx, method: str, objective: str) -> pd.DataFrame:
-    from nrfm.eval.survival import survival_risk_path
-
     path = survival_risk_path(ctx, method, objective)
     if not path.is_file():
         raise RunError(f"{path}: survival risk scores not found; run nrfm.eval.survival.run_survival_stage first")

@@ -54,6 +54,7 @@ import pandas as pd
 
 from nrfm.config import BINARY_ENDPOINTS, CONTINUOUS_ENDPOINTS, ENDPOINTS
 from nrfm.errors import ConfigError, RunError
+from nrfm.files import atomic_write_csv, atomic_write_json
 from nrfm.synth.anatomy import ENHANCEMENT_GAIN, STRIPE, TISSUE, render_subject, site_grid
 from nrfm.synth.markers import FEATURES, MODEL, marginal_prevalence, oracle_posterior, sample_patients
 from nrfm.synth.sites import CONTRASTS, KNOWN_SITES, SiteTemplate, parse_site_spec
@@ -293,8 +294,6 @@ def generate_cohort(out: Path, profile: str = "default", seed: int = 0, sites: s
         tasks = [(str(tmp), r.subject_id, by_name[r.site], spacings[r.site], {n: float(getattr(r, f"f_{n}"))
                   for n in FEATURES}, bool(r.artifact), r.tumour_seed, r.scan_seed) for r in exams.itertuples()]
         _render_all(tasks, workers, progress)
-        from nrfm.files import atomic_write_csv, atomic_write_json
-
         atomic_write_csv(tmp / "manifest.csv", _manifest(exams))
         atomic_write_csv(tmp / "oracle.csv", _oracle(exams))
         table = oracle_auc_table(exams, [s.name for s in templates])

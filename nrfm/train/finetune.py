@@ -68,16 +68,18 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from nrfm.config import CONTINUOUS_ENDPOINTS, OBJECTIVES, PROTOCOLS, FinetuningConfig
-from nrfm.train.dro import GroupDRO, build_objective
-from nrfm.train.samplers import balanced_batches, balanced_row_probabilities, epoch_batches, importance_weights
+from nrfm.config import CONTINUOUS_ENDPOINTS, FinetuningConfig, OBJECTIVES, PROTOCOLS
+from nrfm.data.manifest import Fold, fold_rows
 from nrfm.errors import CheckpointError, ConfigError, TrainingError
+from nrfm.eval.metrics import molecular_table
 from nrfm.files import atomic_torch_save, atomic_write_bytes, atomic_write_csv, atomic_write_json, safe_torch_load
+from nrfm.models.backbones import build_backbone
+from nrfm.train.dro import GroupDRO, build_objective
+from nrfm.train.pretrain import pretrained_backbone, pretraining_subjects
+from nrfm.train.samplers import balanced_batches, balanced_row_probabilities, epoch_batches, importance_weights
 from nrfm.train.finetune_data import (GroupSpec, apply_in_batches, autocast, build_groups, cuts_of, frozen_inputs,
                                 to_device, regression_stats, split_backbone, standardise_targets,
                                 worst_group_loss, youden_thresholds, worst_site_mean_auc)
-from nrfm.data.manifest import Fold, fold_rows
-from nrfm.eval.metrics import molecular_table
 
 CHECKPOINT_FORMAT = 1
 logger = logging.getLogger(__name__)
@@ -402,8 +404,6 @@ def _loso_pretrained_subjects(ctx, protocol: str) -> list[str] | None:
     if ctx.config.analyses.loso_pretrain != "unseen_only":  # the config check refuses 'exclude' already
         raise ConfigError(f"{ctx.config.source}: analyses.loso_pretrain: {ctx.config.analyses.loso_pretrain!r} "
                           "is not implemented; use 'unseen_only'")
-    from nrfm.train.pretrain import pretraining_subjects
-
     return pretraining_subjects(ctx.manifest)
 
 
@@ -449,7 +449,7 @@ def run_finetune_stage(ctx, method: str, objective: str, protocol: str, progress
     Args:
         ctx: the run context. method: SSL method (backbone name). objective: erm | reweighted | dro.
         protocol: pooled | loso. backbone: use this pretrained backbone instead of
-            ``nrfm.train.pretrain.ensure_pretrained(ctx, method)`` (tests, custom backbones).
+            :func:`nrfm.train.pretrain.pretrained_backbone` (tests, custom backbones).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; valid: {list(OBJECTIVES)}")
@@ -458,9 +458,7 @@ def run_finetune_stage(ctx, method: str, objective: str, protocol: str, progress
     start = time.perf_counter()
     cfg, device, manifest = ctx.config.finetuning, ctx.device, ctx.manifest.reset_index(drop=True)
     if backbone is None:
-        from nrfm.train.pretrain import ensure_pretrained  # the pretraining stage is needed only here
-
-        backbone = ensure_pretrained(ctx, method, progress=progress)
+        backbone = pretrained_backbone(ctx, method)
     backbone = backbone.to(device).eval()
     split = split_backbone(backbone, cfg.mode)
     inputs = frozen_inputs(ctx, method, backbone, split, progress)
@@ -616,8 +614,6 @@ def load_finetuned(ctx, method: str, objective: str, backbone: nn.Module | None 
         raise CheckpointError(f"{path}: fine-tuned with other settings than this run ({', '.join(changed)}); run "
                               "nrfm.train.finetune.ensure_finetuned to rebuild it")
     if backbone is None:
-        from nrfm.models.backbones import build_backbone
-
         backbone = build_backbone(method, ctx.config.pretraining, ctx.config.preprocessing.crop_size)
     model = FinetuneModel(backbone, tuple(ckpt["endpoints"]))
     try:
@@ -636,15 +632,13 @@ def ensure_finetuned(ctx, method: str, progress: bool = True, backbone: nn.Modul
     the pretrained weights) matches this run; otherwise it is retrained and a warning names what changed.
 
     Args:
-        backbone: the pretrained backbone (default: ``nrfm.train.pretrain.ensure_pretrained(ctx, method)``).
+        backbone: the pretrained backbone (default: :func:`nrfm.train.pretrain.pretrained_backbone`).
 
     Returns:
         The objectives that were (re)trained.
     """
     if backbone is None:
-        from nrfm.train.pretrain import ensure_pretrained
-
-        backbone = ensure_pretrained(ctx, method, progress=progress)
+        backbone = pretrained_backbone(ctx, method)
     rebuilt = []
     for objective in ctx.config.finetuning.objectives:
         reason = _stale_reason(ctx, method, objective, finetune_fingerprint_inputs(ctx, method, objective, backbone))

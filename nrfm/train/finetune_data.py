@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 
 from nrfm.config import CONTINUOUS_ENDPOINTS, FinetuningConfig
 from nrfm.errors import CheckpointError, DataError, TrainingError
-from nrfm.files import atomic_torch_save, safe_torch_load
 from nrfm.eval.metrics import binarize, rank_auc, youden_threshold
+from nrfm.files import atomic_torch_save, safe_torch_load
+from nrfm.models.backbones import ResNetBackbone, ViTBackbone
 
 GROUPINGS = ("site_class", "site", "class")
 
@@ -215,8 +216,6 @@ def split_backbone(backbone: nn.Module, mode: str) -> BackboneSplit:
         raise ValueError(f"unknown fine-tuning mode {mode!r}; valid: ['full', 'linear', 'partial']")
     if hasattr(backbone, "finetune_split"):
         return backbone.finetune_split()
-    from nrfm.models.backbones import ResNetBackbone, ViTBackbone
-
     if isinstance(backbone, ResNetBackbone):
         net = backbone.net
 

@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from nrfm.config import Config, SSL_METHODS
-from nrfm.errors import CheckpointError, ConfigError, TrainingError
+from nrfm.errors import CheckpointError, ConfigError, RunError, TrainingError
 from nrfm.files import atomic_torch_save, safe_torch_load
 from nrfm.models.backbones import Backbone, backbone_arch, build_backbone
 from nrfm.pipeline.layout import PRETRAINED_FILE, RESUME_FILE
@@ -380,6 +380,22 @@ def run_pretraining_stage(ctx, method: str, progress: bool = True) -> PretrainRe
             ctx.layout.drop_resume_state(method)
     distributed.barrier()
     return result
+
+
+def pretrained_backbone(ctx, method: str) -> Backbone:
+    """The pretrained backbone of ``method`` from this run folder, checked against this run's settings.
+
+    Later stages read it; they never pretrain. :func:`nrfm.pipeline.stages.require` runs the pretraining stage
+    first when a notebook runs on its own.
+    """
+    path = ctx.layout.pretrained_backbone(method)
+    if not path.is_file():
+        raise RunError(f"{path}: no pretrained {method} backbone in this run; run the pretraining stage first "
+                       "(notebook 01_pretrain; `nrfm run --only` and the notebooks run it for you)")
+    ckpt = safe_torch_load(path)
+    if ckpt.get("fingerprint") != pretrain_fingerprint(ctx.config, method, _train_ids(ctx)):
+        raise CheckpointError(f"{path}: pretrained with other settings than this run's; use a new run folder")
+    return load_backbone(path, ctx.config, method).to(distributed.process_device(ctx.device))
 
 
 def ensure_pretrained(ctx, method: str, progress: bool = True) -> Backbone:

@@ -258,7 +258,7 @@ def test_changed_finetuning_setting_retrains_and_unchanged_reuses(tmp_path, monk
 
     torch.manual_seed(0)
     pretrained = TinyBackbone()
-    monkeypatch.setattr(nrfm.train.pretrain, "ensure_pretrained", lambda *a, **k: copy.deepcopy(pretrained))
+    monkeypatch.setattr(nrfm.train.finetune, "pretrained_backbone", lambda *a, **k: copy.deepcopy(pretrained))
     ctx = fake_context(tmp_path, mode="linear", objectives=("erm",))
     ensure_finetuned(ctx, "byol", progress=False)
     checkpoint = ctx.checkpoints_dir / "byol" / "finetune_erm_pooled.pt"
