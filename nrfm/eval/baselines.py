@@ -37,12 +37,13 @@ import numpy as np
 import pandas as pd
 
 from nrfm.config import BINARY_ENDPOINTS, CONTINUOUS_ENDPOINTS, PROTOCOLS, SSL_METHODS
-from nrfm.data.manifest import loso_folds
+from nrfm.data.manifest import fold_rows
 from nrfm.eval.handcrafted import feature_table_of_run
 from nrfm.eval.metrics import binarize, molecular_table, youden_threshold
 from nrfm.eval.site_invariance import load_embeddings
 from nrfm.files import atomic_write_csv, atomic_write_json
 from nrfm.train.finetune_data import cuts_of
+from nrfm.train.pretrain import pretraining_subjects
 
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 ALPHA_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)
@@ -184,9 +185,9 @@ def fit_predict_baseline(features_train: np.ndarray, y_train: np.ndarray, featur
 def baseline_folds(manifest: pd.DataFrame, protocol: str) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     """(fold name, train rows, val rows, test rows) of ``protocol``, as positions in ``manifest``.
 
-    ``pooled``: the manifest's train/val/test splits. ``loso``: :func:`nrfm.data.manifest.loso_folds` (each site held
-    out in turn; raises LeakageError for a patient at two sites). Pass the fine-tuning stage's own folds to
-    :func:`baseline_predictions` instead when they differ, so baselines and models see the same subjects.
+    The fine-tuning stage's folds (:func:`nrfm.data.manifest.fold_rows`), so baselines and fine-tuned models
+    are scored on the same subjects: ``pooled`` = the manifest's splits; ``loso`` = each site held out in turn,
+    scoring only the held-out exams that self-supervised pretraining never saw (``analyses.loso_pretrain``).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; valid: {list(PROTOCOLS)}")
@@ -194,10 +195,8 @@ def baseline_folds(manifest: pd.DataFrame, protocol: str) -> list[tuple[str, np.
     if protocol == "pooled":
         split = manifest["split"].astype(str).to_numpy()
         return [("pooled", *(np.flatnonzero(split == s) for s in ("train", "val", "test")))]
-    out = []
-    for site, frame in loso_folds(manifest):
-        split = frame["split"].astype(str).to_numpy()
-        out.append((str(site), *(np.flatnonzero(split == s) for s in ("train", "val", "test"))))
+    out = [(fold.name, fold.train, fold.val, fold.test)
+           for fold in fold_rows(manifest, protocol, pretraining_subjects(manifest))]
     return out
 
 
@@ -415,3 +414,9 @@ def ceiling_fraction_of_predictions(predictions: pd.DataFrame, bounds: Mapping[s
         rows = bounds[bounds["site"].astype(str) == str(site)] if "site" in bounds else bounds
         bounds = {str(e): float(v) for e, v in zip(rows["endpoint"], rows[column])}
     return ceiling_fraction(auc_by_marker(predictions, site), bounds)
+
+
+def run_baselines(ctx, methods: Sequence[str], protocols: Sequence[str], progress: bool = True) -> list[BaselineResult]:
+    """Every baseline of a run: the handcrafted model, and a linear probe on each backbone's frozen embedding."""
+    return [run_baseline_stage(ctx, baseline, protocol, progress=progress)
+            for protocol in protocols for baseline in (HANDCRAFTED, *methods)]
