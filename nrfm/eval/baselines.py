@@ -289,7 +289,7 @@ def baseline_name(baseline: str) -> tuple[str, str]:
 
 def handcrafted_features_of_run(ctx, progress: bool = True) -> pd.DataFrame:
     """The handcrafted feature table of a run, computed once and kept in ``artifacts/handcrafted_features.csv``."""
-    path = ctx.layout.handcrafted_features
+    path = ctx.layout.handcrafted_features()
     ids = ctx.manifest["subject_id"].astype(str).tolist()
     if path.is_file():
         table = pd.read_csv(path, dtype={"subject_id": str}).set_index("subject_id")

@@ -227,6 +227,29 @@ def _provenance_html(record: dict[str, Any]) -> str:
             f"{html.escape(json.dumps(record.get('config'), indent=1))}</pre></details>")
 
 
+def _models_html(run_dir: Path) -> str:
+    """The report's first table: every fine-tuned model and baseline against the ceiling (``metrics/ceiling.csv``)."""
+    path = RunLayout(run_dir).metrics("ceiling")
+    if not path.is_file():
+        return ""
+    table = pd.read_csv(path)
+    if table.empty:
+        return ""
+    kind = np.where(table["objective"] == "probe", "linear probe (frozen embedding)",
+                    np.where(table["backbone"] == "handcrafted", "handcrafted features", "fine-tuned"))
+    shown = pd.DataFrame({"backbone": table["backbone"], "model": kind, "objective": table["objective"],
+                          "ceiling fraction [95% CI]": [f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]" for v, lo, hi in
+                                                       zip(table["ceiling_fraction"], table["ci_low"], table["ci_high"])],
+                          "mean AUC": table["mean_auc"].map(_fmt), "mean bound": table["mean_bound"].map(_fmt),
+                          "n test": table["n_test"]})
+    shown = shown.sort_values(["backbone", "model", "objective"], kind="stable")
+    return ("<section id='models'><h2>Models against the ceiling</h2>"
+            "<p>Mean over the binary markers of (AUC − 0.5) / (bound − 0.5) on the pooled test set, where the bound "
+            "is the synthetic cohort's oracle on the same subjects (0 = chance, 1 = the bound); CIs resample test "
+            "patients. Baselines: a linear probe on each frozen pretrained embedding and a handcrafted-feature "
+            f"model.</p><div class='table-box'>{_frame_html(shown)}</div></section>")
+
+
 def render_run_report(run_dir: Path) -> Path:
     """Write ``<run_dir>/index.html`` from run.json, the verdicts and the executed notebooks."""
     run_dir = Path(run_dir)
@@ -234,7 +257,8 @@ def render_run_report(run_dir: Path) -> Path:
     record = json.loads(layout.run_json.read_text(encoding="utf-8"))
     notebooks = [layout.executed_notebook(name) for name in record.get("notebooks", [])]
     notebooks = [nb for nb in notebooks if nb.is_file()]
-    sections, nav = [], ["<a href='#verdicts'>Verdicts</a>"]
+    models = _models_html(run_dir)
+    sections, nav = [], (["<a href='#models'>Models and ceiling</a>"] if models else []) + ["<a href='#verdicts'>Verdicts</a>"]
     for nb in notebooks:
         anchor, body = notebook_section(nb)
         sections.append(body)
@@ -248,7 +272,7 @@ def render_run_report(run_dir: Path) -> Path:
 status <b class="status-{status}">{status}</b> · started {record.get('started')} · config
 {html.escape(str(record.get('config_source')))} · seed {record.get('seed')} · git
 {html.escape(str((record.get('git') or {}).get('commit') or 'n/a'))[:12]}</div></header>
-<nav>{''.join(nav)}<hr><a href="../index.html">All runs</a></nav><main>
+<nav>{''.join(nav)}<hr><a href="../index.html">All runs</a></nav><main>{models}
 <section id="verdicts"><h2>Verdicts: does this run reproduce the paper's claims?</h2>{_verdict_html(run_dir)}
 <p><small>Each verdict is computed from this run's metrics by <code>nrfm.eval.claims</code>; the paper's numbers are
 quoted from Bhattacharya et al. (arXiv 2509.15416) for comparison and are not measured here.</small></p></section>
