@@ -53,7 +53,11 @@ def prevalence_long(ctx: RunContext) -> pd.DataFrame:
 
 
 def oracle_auc_table(ctx: RunContext) -> pd.DataFrame | None:
-    """The synthetic cohort's Bayes-limit AUC per endpoint and site (None for real cohorts)."""
+    """The synthetic cohort's latent-bound AUC per endpoint and site (None for real cohorts).
+
+    A latent bound, not the best achievable: the oracle sees the generator's latents; a model sees only
+    images, after noise, resampling and cues smaller than the pipeline's voxels.
+    """
     path = ctx.cohort_dir / "oracle_auc.csv"
     if not path.is_file():
         return None
@@ -175,3 +179,104 @@ def prevalence_figure(ctx: RunContext) -> plt.Figure:
     ax.set(ylabel="share positive among known", title="Marker prevalence per site (missing labels excluded)")
     fig.tight_layout()
     return fig
+
+
+# ---- the synthetic cohort's scenario: the plant, its latent check, and the preprocessing-only baselines ----
+def scenario_summary(ctx: RunContext) -> dict | None:
+    """Scenario, smallest site, cue endpoint and ``latent_dro_gain`` from a synthetic cohort's cohort.json."""
+    import json
+
+    path = ctx.cohort_dir / "cohort.json"
+    if not path.is_file():
+        return None
+    info = json.loads(path.read_text())
+    if "scenario" not in info:
+        return None
+    plan, check = info["scenario_plan"], info["latent_dro_check"]
+    return {"scenario": info["scenario"], "smallest_site": plan["smallest_site"], "cue": plan["cue"],
+            "cue_endpoint": plan["cue_endpoint"], "affected_endpoints": plan["affected_endpoints"],
+            "phenotype_shift": plan["phenotype_shift"], "hazard_shift": plan["hazard_shift"],
+            "latent_dro_gain": info["latent_dro_gain"], "latent_check": check.get("per_endpoint", {})}
+
+
+def cue_by_site_table(ctx: RunContext) -> pd.DataFrame | None:
+    """The plant: share of exams showing the cue, per site and label of the cue endpoint (synthetic only).
+
+    Uses the labels the manifest reports (masked ones left out): what a model trained on it can see.
+    """
+    summary, oracle = scenario_summary(ctx), ctx.oracle
+    if summary is None or oracle is None:
+        return None
+    endpoint = summary["cue_endpoint"]
+    cue = oracle[oracle["endpoint"] == "artifact"].set_index("subject_id")["value"]
+    frame = ctx.manifest[["subject_id", "site", "split", endpoint]].dropna(subset=[endpoint]).copy()
+    frame["cue"] = frame["subject_id"].map(cue)
+    table = (frame.groupby(["site", endpoint])["cue"].agg(["mean", "size"])
+             .rename(columns={"mean": "cue_rate", "size": "n"}).reset_index())
+    table = table.rename(columns={endpoint: "label"})
+    table.insert(1, "endpoint", endpoint)
+    return table
+
+
+def cue_by_site_figure(ctx: RunContext) -> plt.Figure | None:
+    """Bar chart of :func:`cue_by_site_table`: cue rate by label at each site (the smallest site marked)."""
+    table, summary = cue_by_site_table(ctx), scenario_summary(ctx)
+    if table is None:
+        return None
+    import seaborn as sns
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    plot = table.assign(label=table["label"].map({0.0: "negative", 1.0: "positive"}))
+    sns.barplot(data=plot, x="site", y="cue_rate", hue="label", ax=ax)
+    ax.set(ylim=(0, 1), ylabel="share of exams with the cue",
+           title=f"{summary['scenario']}: stripe cue vs {summary['cue_endpoint'].upper()} label "
+                 f"(smallest site: {summary['smallest_site']})")
+    fig.tight_layout()
+    return fig
+
+
+def oracle_cindex_table(ctx: RunContext) -> pd.DataFrame | None:
+    """C-index of the true log-hazard per site (a latent bound for survival models; synthetic only)."""
+    path = ctx.cohort_dir / "oracle_cindex.csv"
+    return pd.read_csv(path) if path.is_file() else None
+
+
+def _intensity_features(volume: np.ndarray, brain: np.ndarray) -> list[float]:
+    """Per contrast: mean, sd, five quantiles, and the mean absolute difference of neighbours along each
+    axis (sharpness / noise) inside the brain."""
+    feats = []
+    for c in range(volume.shape[0]):
+        v = volume[c]
+        inside = v[brain]
+        feats += [float(inside.mean()), float(inside.std()), *np.quantile(inside, [0.05, 0.25, 0.5, 0.75, 0.95])]
+        for axis in range(3):
+            diff = np.abs(np.diff(v, axis=axis))
+            both = brain[tuple(slice(1, None) if a == axis else slice(None) for a in range(3))] & \
+                brain[tuple(slice(None, -1) if a == axis else slice(None) for a in range(3))]
+            feats.append(float(diff[both].mean()) if both.any() else 0.0)
+    return feats
+
+
+def site_probe_baseline(ctx: RunContext, per_site: int = 60, seed: int = 0) -> pd.DataFrame:
+    """The preprocessing-only baseline for site invariance: how well simple intensity features of the
+    preprocessed volumes (per contrast: mean, sd, quantiles, neighbour differences inside the brain) predict
+    the site, with the same cross-validated logistic probe the embeddings analysis uses.
+
+    Returns one row: site_probe_bacc, chance (1 / sites), subjects, features. Site effects that a z-score
+    removes would give chance; the synthetic cohort's per-exam protocols are meant to leave the site
+    detectable but not perfectly.
+    """
+    from nrfm.monitor import probe_balanced_accuracy
+
+    dataset = ctx.dataset()
+    rows, sites = [], []
+    for site, part in ctx.manifest.groupby("site"):
+        for i in part.index[:per_site]:
+            item = dataset[ctx.manifest.index.get_loc(i)]
+            brain = np.asarray(item["brain"][0]).astype(bool)
+            rows.append(_intensity_features(np.asarray(item["image"], dtype=np.float32), brain))
+            sites.append(site)
+    x, y = np.asarray(rows), np.asarray(sites)
+    bacc = probe_balanced_accuracy(x, y, seed=seed) if len(set(sites)) > 1 else float("nan")
+    return pd.DataFrame([{"stage": "preprocessed intensities", "site_probe_bacc": bacc,
+                          "chance": 1.0 / max(1, len(set(sites))), "subjects": len(y), "features": x.shape[1]}])

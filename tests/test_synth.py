@@ -396,3 +396,20 @@ def test_profiles_and_generic_site():
     for template in list(KNOWN_SITES.values()) + [a, b]:
         check_template(template)
     assert issubclass(ConfigError, NrfmError)
+
+
+def test_runs_keep_the_fixed_test_set_and_split_the_rest_by_patient():
+    from nrfm.manifest import assign_splits, check_no_patient_leak
+
+    exams, _ = synth.latent_experiment("default", 0, "site-shift")
+    man = synth._manifest(exams)
+    man["split"] = man["split"].fillna("")
+    fixed = man["split"] == "test"
+    for seed in (0, 1):
+        out = assign_splits(man, seed=seed, fractions=(0.6, 0.2, 0.2), min_val_patients=30)
+        check_no_patient_leak(out)
+        assert (out.loc[fixed, "split"] == "test").all() and set(out.loc[~fixed, "split"]) == {"train", "val"}
+        val = out[out["split"] == "val"].groupby("site")["patient_id"].nunique()
+        train = out[out["split"] == "train"].groupby("site")["patient_id"].nunique()
+        assert val["CUIMC"] == 30 and 30 <= train["CUIMC"] <= 40  # a small, imbalanced training site
+        assert val["UCSF"] == pytest.approx(0.25 * (val["UCSF"] + train["UCSF"]), abs=1)
