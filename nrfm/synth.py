@@ -1,17 +1,25 @@
 """The embedded synthetic multi-site glioma cohort (``nrfm synth``): realistic enough to mean something,
-with known ground truth so a model can be compared with the best achievable result.
+with known ground truth (a latent bound to compare models with) and a planted, controlled experiment for
+group DRO (two scenarios, :mod:`nrfm.synth_scenarios`).
 
-``generate_cohort(out, profile, seed, sites)`` writes, via a temporary folder renamed at the end:
+``generate_cohort(out, profile, seed, sites, scenario=...)`` writes, via a temporary folder renamed at the end:
 
-- ``manifest.csv``: the canonical manifest (data-formats.md), split left empty, image paths relative.
+- ``manifest.csv``: the canonical manifest (data-formats.md), image paths relative. ``split`` is ``test`` for
+  the profile's fixed held-out patients (all their exams) and empty for the rest, which a run splits into
+  train and val (:func:`nrfm.manifest.assign_splits`), so every run and seed scores the same test exams.
 - ``images/<subject_id>/{t1,t1c,t2,flair,seg}.nii.gz``: int16 with scl_slope (seg uint8, labels 0/1/2/4),
   each site with its own orientation and voxel spacing in the header; gzip with mtime 0 (byte-stable).
 - ``oracle.csv`` (subject_id, endpoint, value): for every exam, the exact posterior P(label = 1 | what the
   generator put into the image, site) for the eight binary endpoints, the true Ki-67 and TP53-IHC values
-  (%, also where the manifest masks them), and ``artifact`` (1 = the stripe ghost is in the images).
-- ``oracle_auc.csv`` (endpoint, site incl. ``all``, n, n_pos, auc): AUC of the oracle against the labels
-  the manifest reports (masked labels excluded, as in the kit's metrics): the Bayes limit for models.
-- ``cohort.json``: every generator parameter, the seed, the nrfm version, the profile, per-site counts.
+  (%, also where the manifest masks them), and ``artifact`` (1 = the stripe ghost, the scenario's cue, is in
+  the images).
+- ``oracle_auc.csv`` (endpoint, site incl. ``all``, n, n_pos, auc, bound, n_test, n_pos_test, auc_test): AUC
+  of the oracle against the labels the manifest reports (masked labels excluded, as in the kit's metrics).
+  A *latent* bound: the oracle sees the generator's latents, a model only the images (noise, resampling to
+  the pipeline's 3 mm grid and sub-voxel cues such as 1.5 mm calcification foci lose information).
+- ``oracle_cindex.csv`` (site, subset all/test, n, events, c_index, bound): c-index of the true log-hazard.
+- ``cohort.json``: every generator parameter, the seed, the nrfm version, the profile, per-site counts,
+  ``scenario``, its plan and ``latent_dro_gain`` (the latent ERM-vs-group-DRO check).
 
 The rules, in detail in the helper modules' docstrings:
 
@@ -19,18 +27,22 @@ The rules, in detail in the helper modules' docstrings:
   astrocytoma, 1p/19q-codeleted oligodendroglioma; so codeletion only with IDH mutation), grade from the
   class, six markers from (class, grade) with real dependencies (ATRX/TP53 mostly astrocytoma,
   EGFR/CDKN2A/B/TERT mostly IDH-wildtype, MGMT higher with IDH mutation), Ki-67 by grade (medians 3/6/27 %),
-  TP53-IHC by TP53 status, age by IDH; per-site prevalences, missing labels (MCAR per site and endpoint),
-  follow-up exams sharing a patient_id.
+  TP53-IHC by TP53 status, age by IDH; CDKN2A/B only where WHO 2021 allows it, ATRX and TP53 coupled in
+  astrocytoma; per-site prevalences, missing labels (at random per site and endpoint, except 1p/19q, tested
+  mainly in IDH-mutant tumours), follow-up exams sharing a patient_id.
 - Phenotype (:mod:`nrfm.synth_anatomy`): location (frontal for 1p/19q and IDH-mutant), size (grade, EGFR),
   necrosis (grade 4, CDKN2A/B, less with IDH mutation), enhancement (less with IDH mutation), edema (EGFR),
   T2-FLAIR mismatch (astrocytoma), calcification-like foci (1p/19q), enhancement heterogeneity (Ki-67),
   margin sharpness (ATRX, TP53, TP53-IHC), weak core T2 shift (MGMT, hard) and core T1 shift (TERT, weak),
   atrophy (age). Every endpoint leaves some signal in or around the tumour (the kit crops around it).
-- Site: orientation, spacing, slice thickness, blur, bias field, Rician noise, gain and offset per
-  contrast; a stripe ghost artifact (14 mm period along the phase axis, survives crop and z-scoring) in
-  45 % of MGMT-methylated vs 10 % of unmethylated UCSF exams but label-free elsewhere: an ERM shortcut that
-  group DRO should resist.
-- Survival: Weibull proportional hazards in age, IDH, MGMT, grade, size and necrosis; site censoring.
+- Site: orientation, spacing, blur, bias field, Rician noise, gain and offset per contrast, and per-exam
+  protocol settings drawn from per-site distributions that overlap (tissue contrast, enhancement, FLAIR
+  suppression, slice profile, noise and bias strength): site effects that survive the z-score.
+- Scenario (:mod:`nrfm.synth_scenarios`): ``site-shift`` plants a stripe ghost (14 mm period along the phase
+  axis, survives crop and z-scoring) that agrees with EGFR at the large sites and is reversed at the smallest,
+  whose EGFR phenotype and size hazard also differ; ``no-shift`` keeps the same cue label-free.
+- Survival: Weibull proportional hazards in age, IDH, MGMT, grade, size and necrosis; site censoring;
+  reported on each patient's first exam only.
 
 Determinism: patient, exam and tumour generators are seeded from (seed, site name, patient index), so the
 bytes of the manifest and images do not depend on the number of worker processes.
