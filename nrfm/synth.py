@@ -66,7 +66,8 @@ import pandas as pd
 
 from nrfm.config import BINARY_ENDPOINTS, CONTINUOUS_ENDPOINTS, ENDPOINTS
 from nrfm.errors import ConfigError, RunError
-from nrfm.synth_anatomy import ENHANCEMENT_GAIN, STRIPE, TISSUE, render_subject, site_grid
+from nrfm.synth_anatomy import (ENHANCEMENT_GAIN, FOCUS_SD_MM, MARGIN_CLIP_MM, MARGIN_MM, PROTOCOL_FACTOR,
+                                 PROTOCOL_SD, STRIPE, TISSUE, render_subject, site_grid)
 from nrfm.synth_markers import (FEATURES, MODEL, log_hazard, marginal_prevalence, marker_latents,
                                  oracle_posterior, sample_patients, site_survival)
 from nrfm.synth_scenarios import (CUE_ENDPOINT, SCENARIOS, apply_scenario, check_scenario, latent_dro_check)
@@ -347,7 +348,10 @@ def _cohort_json(exams, sites, profile, seed, spec, spacings, plan, check) -> di
         "sites_spec": spec, "n_subjects": int(len(exams)), "n_patients": int(exams["patient_id"].nunique()),
         "sites": per_site, "marker_model": MODEL, "phenotype_latents": list(FEATURES),
         "anatomy": {"template": "nilearn MNI152 (ICBM 2009) GM/WM/brain mask, 2 mm", "tissue_intensity": TISSUE,
-                    "enhancement_gain": ENHANCEMENT_GAIN},
+                    "enhancement_gain": ENHANCEMENT_GAIN, "protocol_sd": PROTOCOL_SD, "protocol_factor": PROTOCOL_FACTOR,
+                    "calcification_focus_sd_mm": FOCUS_SD_MM, "margin_mm": MARGIN_MM, "margin_clip_mm": MARGIN_CLIP_MM,
+                    "resolution_note": "cues sized to be resolvable on a 3 mm grid; the weak core T1/T2 shifts "
+                                       "(TERT, MGMT) are intensity cues, not sub-voxel, but small against noise"},
         "artifact": {"kind": "stripe ghost: sinusoidal intensity modulation along the phase-encoding axis",
                      **STRIPE, "per_site": {s.name: {"endpoint": s.artifact_endpoint, "p_if_label0": s.artifact_p[0],
                                                      "p_if_label1": s.artifact_p[1]} for s in sites},

@@ -25,8 +25,10 @@ Tumour (latent -> image, each map strictly monotone in its latent):
 - edema (EGFR): radius r_core (1.2 + sigmoid(1.2 f_edema)), weighted by white-matter affinity (label 2
   where inside that radius, outside the core and mostly WM/GM).
 - mismatch (IDH-mutant, non-codeleted): FLAIR of the inner core suppressed by 55 % sigmoid(2 f - 2), T2 up.
-- calcification (1p/19q): six dark foci (1.5 mm) in the core, depth 0.8 sigmoid(2 f_calcification - 2.5).
-- margin (ATRX, TP53, TP53-IHC): boundary width 2.5 exp(-0.5 f_margin) mm (clipped 0.7-6).
+- calcification (1p/19q): six dark foci (Gaussian sd 3 mm, so visible on the pipeline's 3 mm grid) in the
+  core, depth 0.8 sigmoid(2 f_calcification - 2.5).
+- margin (ATRX, TP53, TP53-IHC): boundary width 3.5 exp(-0.5 f_margin) mm (clipped 1.5-8: at 3 mm voxels
+  narrower margins would all look alike).
 - core_t2 (MGMT, weak): core T2 times 1 + 0.08 tanh(f / 1.5); core_t1 (TERT, weak): core T1 times
   1 - 0.08 tanh(f / 1.5).
 
@@ -59,6 +61,9 @@ STRIPE = {"amplitude": 0.10, "period_mm": 14.0}
 # Per-exam protocol draws around the site means (SiteTemplate.tissue_contrast, .enhancement, .flair_csf):
 # normal with these sds; slice profile FWHM uniform in the site's range; noise and bias-field strength the
 # site's value times uniform factors. Sites overlap, and none of these is undone by a z-score.
+# Cue sizes chosen to be resolvable on the pipeline's 3 mm grid (see the module docstring).
+FOCUS_SD_MM = 3.0
+MARGIN_MM, MARGIN_CLIP_MM = 3.5, (1.5, 8.0)
 PROTOCOL_SD = {"tissue_contrast": 0.06, "enhancement": 0.15, "flair_csf": 0.25}
 PROTOCOL_FACTOR = {"noise": (0.75, 1.25), "bias": (0.6, 1.4)}
 _TEMPLATE_MM = 2.0
@@ -239,7 +244,7 @@ def render_subject(site: SiteTemplate, grid: SiteGrid, f: dict, artifact: bool, 
     seg = np.zeros(grid.shape, np.uint8)
 
     r_core = float(np.clip(15.0 * np.exp(0.25 * f["size"]), 7.0, 30.0))
-    width = float(np.clip(2.5 * np.exp(-0.5 * f["margin"]), 0.7, 6.0))
+    width = float(np.clip(MARGIN_MM * np.exp(-0.5 * f["margin"]), *MARGIN_CLIP_MM))
     r_ed = r_core * (1.2 + _sigmoid(1.2 * f["edema"]))
     centre = _tumour_centre(grid, f, r_core, tumour_rng)
     half = r_ed * 1.15 + 3 * width + 6.0
@@ -264,7 +269,7 @@ def render_subject(site: SiteTemplate, grid: SiteGrid, f: dict, artifact: bool, 
     local = np.clip(local * (1.0 + 0.6 * _sigmoid(f["heterogeneity"]) * texture), 0, None)
     mismatch = _sigmoid(2.0 * f["mismatch"] - 2.0) * _sigmoid((r_core - 4.0 - dist) / width)
     foci = 0.9 * r_core * tumour_rng.uniform(-1, 1, (6, 3)) / np.sqrt(3)
-    blob = np.max([np.exp(-((q - foci[j][:, None, None, None]) ** 2).sum(0) / (2 * 1.5 ** 2)) for j in range(6)], 0)
+    blob = np.max([np.exp(-((q - foci[j][:, None, None, None]) ** 2).sum(0) / (2 * FOCUS_SD_MM ** 2)) for j in range(6)], 0)
     calc = 0.8 * _sigmoid(2.0 * f["calcification"] - 2.5) * blob * core
     grain = 1.0 + 0.05 * _cosine_field(q, tumour_rng, 8, 8.0)
     mgmt_t2 = 1.0 + 0.08 * np.tanh(f["core_t2"] / 1.5)
