@@ -413,3 +413,21 @@ def test_runs_keep_the_fixed_test_set_and_split_the_rest_by_patient():
         train = out[out["split"] == "train"].groupby("site")["patient_id"].nunique()
         assert val["CUIMC"] == 30 and 30 <= train["CUIMC"] <= 40  # a small, imbalanced training site
         assert val["UCSF"] == pytest.approx(0.25 * (val["UCSF"] + train["UCSF"]), abs=1)
+
+
+def test_cli_scenario_recorded_in_cohort_json(tmp_path, capsys):
+    import json
+
+    from nrfm.cli import main
+
+    for scenario in ("no-shift", "site-shift"):
+        out = tmp_path / scenario
+        assert main(["synth", "--out", str(out), "--profile", "smoke", "--sites", "UCSF:4,CUIMC:3",
+                     "--scenario", scenario, "--quiet"]) == 0
+        info = json.loads((out / "cohort.json").read_text())
+        assert info["scenario"] == scenario and info["scenario_plan"]["smallest_site"] == "CUIMC"
+        assert "latent_dro_gain" in info
+    with pytest.raises(SystemExit):
+        main(["synth", "--out", str(tmp_path / "x"), "--scenario", "both"])
+    with pytest.raises(ConfigError, match="unknown scenario"):
+        generate_cohort(tmp_path / "y", profile="smoke", scenario="both", progress=False)
