@@ -338,6 +338,10 @@ def _cohort_json(exams, sites, profile, seed, spec, spacings, plan, check) -> di
             "labelled": {e: int(rows[f"observed_{e}"].sum()) for e in ENDPOINTS},
             "artifact_rate": round(float(rows["artifact"].mean()), 4) if len(rows) else None,
             "splits": {k: int((rows["split"] == k).sum()) for k in ("test", "")},
+            "test_set": {"exams": int((rows["split"] == "test").sum()),
+                         "survival_events": int(rows.loc[rows["split"] == "test", "os_event"].fillna(0).sum()),
+                         "labelled_positives": {e: int(rows.loc[(rows["split"] == "test") & rows[f"observed_{e}"], e].sum())
+                                                for e in BINARY_ENDPOINTS}},
             "survival_exams": int(rows["os_days"].notna().sum()),
             "hazard": site_survival(site),
         })
