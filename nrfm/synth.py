@@ -176,6 +176,7 @@ def _render_task(task: tuple) -> tuple[str, dict]:
     return sid, {int(k): int((seg == k).sum()) for k in (1, 2, 4)}
 
 
+MIN_NON_TEST_SHARE = 0.25  # a site's fixed test set never takes more than 75 % of its patients
 CODEL_TESTED_IDH_MUTANT = 0.92  # 1p/19q is tested mainly in IDH-mutant tumours (missing not at random)
 CODEL_TESTED_IDH_WILDTYPE_MAX = 0.2  # ... and in at most this share of IDH-wildtype ones
 
@@ -183,7 +184,8 @@ CODEL_TESTED_IDH_WILDTYPE_MAX = 0.2  # ... and in at most this share of IDH-wild
 def _exam_table(sites: list[tuple[SiteTemplate, int]], seed: int, test_per_site: int = 0) -> tuple[pd.DataFrame, list]:
     """Patients and their exams for every site, with oracle posteriors, generator seeds and the test split.
 
-    ``test_per_site`` patients of each site (at most all but five) are marked ``split = test`` at random;
+    ``test_per_site`` patients of each site (leaving at least five and :data:`MIN_NON_TEST_SHARE` of them for
+    train/val, which matters for small ``--sites`` counts) are marked ``split = test`` at random;
     the others get an empty split. Survival is reported on each patient's first exam only (as the importers
     do: follow-up exams carry none).
     """
@@ -195,7 +197,7 @@ def _exam_table(sites: list[tuple[SiteTemplate, int]], seed: int, test_per_site:
         pats["patient_id"] = [f"{site.name}-{i:04d}" for i in range(1, n + 1)]
         pats["patient_index"] = np.arange(n)
         pats["tumour_seed"] = [[seed, key, i, 0] for i in range(n)]
-        n_test = min(int(test_per_site), max(n - 5, 0)) if test_per_site else 0
+        n_test = min(int(test_per_site), max(n - max(5, math.ceil(MIN_NON_TEST_SHARE * n)), 0)) if test_per_site else 0
         test = np.zeros(n, bool)
         test[np.random.default_rng([seed, key, 1]).permutation(n)[:n_test]] = True
         pats["split"] = np.where(test, "test", "")
