@@ -431,3 +431,24 @@ def test_cli_scenario_recorded_in_cohort_json(tmp_path, capsys):
         main(["synth", "--out", str(tmp_path / "x"), "--scenario", "both"])
     with pytest.raises(ConfigError, match="unknown scenario"):
         generate_cohort(tmp_path / "y", profile="smoke", scenario="both", progress=False)
+
+
+def test_site_shift_changes_phenotype_and_hazard_at_the_smallest_site_only():
+    from lifelines import CoxPHFitter
+
+    shifted, plan = synth.scenario_sites("UCSF:10,UPenn:10,CUIMC:5", "site-shift")
+    control, _ = synth.scenario_sites("UCSF:10,UPenn:10,CUIMC:5", "no-shift")
+    assert plan["smallest_site"] == "CUIMC"
+    for (site, _), (plain, _) in zip(shifted, control):
+        df = sample_patients(site, 20000, np.random.default_rng(3))
+        base = sample_patients(plain, 20000, np.random.default_rng(3))
+        edema_gap = df.groupby("egfr")["f_edema"].mean().diff().iloc[-1]  # includes grade / class confounding
+        base_gap = base.groupby("egfr")["f_edema"].mean().diff().iloc[-1]
+        if site.name == "CUIMC":
+            assert base_gap - edema_gap == pytest.approx(0.7, abs=0.05)  # EGFR without its oedema term there
+            X = pd.DataFrame({"age10": df["age_latent"] / 10, "idh": df["idh"], "mgmt": df["mgmt"],
+                              "grade2": (df["grade"] == 2) * 1, "grade3": (df["grade"] == 3) * 1,
+                              "size": df["f_size"], "necrosis": df["f_necrosis"], "T": df["os_days"], "E": df["os_event"]})
+            assert CoxPHFitter().fit(X, "T", "E").params_["size"] == pytest.approx(0.6, abs=0.1)
+        else:
+            assert edema_gap == pytest.approx(base_gap, abs=1e-9)  # same draws, same phenotype
