@@ -280,3 +280,75 @@ def site_probe_baseline(ctx: RunContext, per_site: int = 60, seed: int = 0) -> p
     bacc = probe_balanced_accuracy(x, y, seed=seed) if len(set(sites)) > 1 else float("nan")
     return pd.DataFrame([{"stage": "preprocessed intensities", "site_probe_bacc": bacc,
                           "chance": 1.0 / max(1, len(set(sites))), "subjects": len(y), "features": x.shape[1]}])
+
+
+def _stripe_power(volume: np.ndarray, spacing: tuple, axis: int) -> float:
+    """Log share of the slice-median profile's power (along ``axis``) at 10-20 mm periods: the stripe cue."""
+    from scipy import ndimage
+
+    brain = volume > 0
+    profile = []
+    for k in range(volume.shape[axis]):
+        inside = np.take(brain, k, axis=axis)
+        if inside.sum() > 50:
+            profile.append(float(np.median(np.take(volume, k, axis=axis)[inside])))
+    profile = np.asarray(profile)
+    if len(profile) < 8:
+        return float("nan")
+    relative = profile / ndimage.gaussian_filter1d(profile, 24.0 / spacing[axis] / 2.355) - 1.0
+    freq = np.fft.rfftfreq(len(relative), d=spacing[axis])
+    power = np.abs(np.fft.rfft(relative - relative.mean())) ** 2
+    return float(np.log(power[(freq > 1 / 20) & (freq < 1 / 10)].sum() / (power[freq > 1 / 40].sum() + 1e-12) + 1e-6))
+
+
+def image_plant_check(ctx: RunContext) -> pd.DataFrame | None:
+    """The plant seen in the images, not the latents (synthetic cohorts with a scenario only).
+
+    Three hand-made features per exam from the stored images: stripe power along the site's phase-encoding
+    axis (the cue), oedema and tumour-core volume from the label map (the EGFR phenotype). An ERM and a
+    group-DRO logistic model (as in the generator's latent check) are fitted on the run's train and val exams
+    and scored on the smallest site's test exams. Returns one row per objective: endpoint, site, n, n_pos,
+    auc; plus ``cue_detection_auc``, the stripe feature's AUC for the true cue.
+    """
+    import json
+
+    from sklearn.metrics import roc_auc_score
+
+    from nrfm.synth_scenarios import group_dro_logistic
+
+    summary, oracle = scenario_summary(ctx), ctx.oracle
+    if summary is None or oracle is None or summary["smallest_site"] is None:
+        return None
+    info = json.loads((ctx.cohort_dir / "cohort.json").read_text())
+    phase = {s["template"]["name"]: s["template"]["phase_axis"] for s in info["sites"]}
+    endpoint, small = summary["cue_endpoint"], summary["smallest_site"]
+    rows = []
+    for row in ctx.manifest.itertuples():
+        image = nib.load(row.t1)
+        volume = np.asarray(image.dataobj, dtype=np.float32)
+        seg = np.asarray(nib.load(row.seg).dataobj)
+        voxel_ml = float(np.prod(image.header.get_zooms()[:3])) / 1000.0
+        rows.append({"subject_id": row.subject_id, "site": row.site, "split": row.split,
+                     "label": getattr(row, endpoint),
+                     "stripe": _stripe_power(volume, image.header.get_zooms()[:3], phase[row.site]),
+                     "edema": np.log1p((seg == 2).sum() * voxel_ml), "core": np.log1p(np.isin(seg, (1, 4)).sum() * voxel_ml)})
+    frame = pd.DataFrame(rows).dropna(subset=["stripe"])
+    cue = oracle[oracle["endpoint"] == "artifact"].set_index("subject_id")["value"]
+    truth = frame["subject_id"].map(cue)
+    cue_auc = float(roc_auc_score(truth, frame["stripe"])) if truth.nunique() == 2 else float("nan")
+    labelled = frame.dropna(subset=["label"])
+    train = labelled[labelled["split"] != "test"]
+    test = labelled[(labelled["split"] == "test") & (labelled["site"] == small)]
+    cols = ["stripe", "edema", "core"]
+    centre, scale = train[cols].mean(), train[cols].std() + 1e-9
+    groups = (train["site"] + ":" + train["label"].astype(int).astype(str)).to_numpy()
+    out = []
+    for objective, dro in (("erm", False), ("dro", True)):
+        auc = float("nan")
+        if len(train) >= 10 and test["label"].nunique() == 2:
+            w = group_dro_logistic(((train[cols] - centre) / scale).to_numpy(), train["label"].to_numpy(float),
+                                   groups, dro)
+            auc = float(roc_auc_score(test["label"], ((test[cols] - centre) / scale).to_numpy() @ w[:-1]))
+        out.append({"objective": objective, "endpoint": endpoint, "site": small, "n": len(test),
+                    "n_pos": int(test["label"].sum()), "auc": auc, "cue_detection_auc": cue_auc})
+    return pd.DataFrame(out)

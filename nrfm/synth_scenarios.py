@@ -93,7 +93,7 @@ def apply_scenario(site_list: list[tuple[SiteTemplate, int]], scenario: str,
     return out, plan
 
 
-def _group_dro_logistic(x: np.ndarray, y: np.ndarray, groups: np.ndarray, dro: bool, l2: float = 1e-2,
+def group_dro_logistic(x: np.ndarray, y: np.ndarray, groups: np.ndarray, dro: bool, l2: float = 1e-2,
                         steps: int = 1500, lr: float = 0.5, eta: float = 0.005) -> np.ndarray:
     """Full-batch logistic regression; ``dro``: the group DRO objective of Sagawa et al. 2020 (Algorithm 1).
 
@@ -156,7 +156,7 @@ def latent_dro_check(exams: pd.DataFrame, plan: dict, latent_columns: list[str])
         groups = (exams["site"] + ":" + exams[e].astype(int).astype(str)).to_numpy()
         row = {"n": int(test.sum()), "n_pos": int(y_test.sum()), "features": cols}
         for name, dro in (("erm_auc", False), ("dro_auc", True)):
-            w = _group_dro_logistic(x[train], y[train], groups[train], dro)
+            w = group_dro_logistic(x[train], y[train], groups[train], dro)
             row[name] = round(float(roc_auc_score(y_test, x[test] @ w[:-1])), 4)
         per[e] = row
         gains.append(row["dro_auc"] - row["erm_auc"])

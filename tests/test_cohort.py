@@ -91,3 +91,9 @@ def test_fixed_test_patients_stay_test(smoke_ctx):
     run = smoke_ctx.manifest.set_index("subject_id")["split"]
     assert fixed and (run.loc[sorted(fixed)] == "test").all()
     assert set(run.drop(sorted(fixed))) <= {"train", "val"}
+
+
+def test_image_plant_check_runs_and_sees_the_cue(smoke_ctx):
+    check = cohort.image_plant_check(smoke_ctx)
+    assert list(check["objective"]) == ["erm", "dro"] and (check["site"] == "CUIMC").all()
+    assert check["cue_detection_auc"].iloc[0] > 0.9  # the stripe is plainly visible in the stored images
