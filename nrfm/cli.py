@@ -35,7 +35,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from nrfm.synth.generate import generate_cohort
 
     result = generate_cohort(Path(args.out), profile=args.profile, seed=args.seed, sites=args.sites,
-                             force=args.force, progress=not args.quiet)
+                             force=args.force, progress=not args.quiet, scenario=args.scenario)
     print(f"manifest: {result.manifest_path}  ({result.seconds:.1f} s)")
     return 0
 
@@ -64,7 +64,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             raise NrfmError(f"import {args.kind}: --root DIR is required (the downloaded cohort's folder)")
         report = import_cohort(args.kind, Path(args.root), Path(args.out),
                                mgmt_labels=Path(args.mgmt_labels) if args.mgmt_labels else None,
-                               force=args.force, progress=not args.quiet)
+                               force=args.force, progress=not args.quiet, scenario=args.scenario)
     print(report.format())
     return 0
 
@@ -175,7 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "known ground truth (oracle.csv) and the canonical manifest.")
     p.add_argument("--out", required=True, help="output folder (refused if it already holds a cohort, see --force)")
     p.add_argument("--profile", default="default", choices=("smoke", "default", "large"),
-                   help="cohort size: smoke (tests, seconds), default (about 300 subjects), large (about 900)")
+                   help="cohort size: smoke (tests, seconds), default (about 870 exams, 160 fixed test patients "
+                        "per site), large (about 1550)")
+    p.add_argument("--scenario", default="site-shift", choices=("site-shift", "no-shift"),
+                   help="site-shift: a site-linked cue agrees with EGFR at the large sites and is reversed at the "
+                        "smallest, whose EGFR phenotype also differs (what group DRO should fix); no-shift: the "
+                        "same cue label-free and one phenotype everywhere (the control)")
     p.add_argument("--seed", type=_nonnegative_int, default=0, help="random seed; same seed gives the same bytes")
     p.add_argument("--sites", default=None,
                    help="site spec overriding the profile's, e.g. 'UCSF:120,UPenn:110,CUIMC:40'")

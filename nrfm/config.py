@@ -62,14 +62,22 @@ class CohortConfig:
     synth_profile: str = "default"  # smoke | default | large
     synth_sites: str = ""  # site spec for `nrfm synth --sites`; empty = the profile's sites
     synth_seed: int = 0  # seed of the synthetic cohort (the run's `seed` drives splits and training)
+    synth_scenario: str = "site-shift"  # site-shift (a minority site where the shortcut fails) | no-shift (control)
     data_dir: str = "data"  # synthetic cohorts are generated (once per profile and seed) under here
     split_endpoint: str = "idh"  # splits are stratified by site and this endpoint
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train, val, test (by patient)
+    # Sites whose manifest fixes the test patients (the synthetic cohort does) split the rest into train/val
+    # only, with at least this many validation patients per site (worst-group selection needs some).
+    split_min_val_patients: int = 0
 
     def _check(self) -> None:
         _require(self.synth_profile in ("smoke", "default", "large"), "synth_profile",
                  f"unknown profile {self.synth_profile!r}; valid: ['smoke', 'default', 'large']")
         _require(self.synth_seed >= 0, "synth_seed", f"must be >= 0, got {self.synth_seed}")
+        _require(self.synth_scenario in ("site-shift", "no-shift"), "synth_scenario",
+                 f"unknown scenario {self.synth_scenario!r}; valid: ['site-shift', 'no-shift']")
+        _require(self.split_min_val_patients >= 0, "split_min_val_patients",
+                 f"must be >= 0, got {self.split_min_val_patients}")
         _require(self.split_endpoint in BINARY_ENDPOINTS, "split_endpoint",
                  f"unknown endpoint {self.split_endpoint!r}; valid: {list(BINARY_ENDPOINTS)}")
         _require(all(f > 0 for f in self.split_fractions), "split_fractions", "each fraction must be > 0")

@@ -14,6 +14,8 @@ import pandas as pd
 
 from nrfm.pipeline.context import RunContext
 from nrfm.schema import BINARY_ENDPOINTS, CONTINUOUS_ENDPOINTS, CONTRASTS
+from nrfm.synth.scenarios import group_dro_logistic
+from nrfm.train.monitor import probe_balanced_accuracy
 
 
 
@@ -74,7 +76,11 @@ def prevalence_long(ctx: RunContext) -> pd.DataFrame:
 
 
 def oracle_auc_table(ctx: RunContext) -> pd.DataFrame | None:
-    """The synthetic cohort's Bayes-limit AUC per endpoint and site (None for real cohorts)."""
+    """The synthetic cohort's latent-bound AUC per endpoint and site (None for real cohorts).
+
+    A latent bound, not the best achievable: the oracle sees the generator's latents; a model sees only
+    images, after noise, resampling and cues smaller than the pipeline's voxels.
+    """
     path = ctx.cohort_dir / "oracle_auc.csv"
     if not path.is_file():
         return None
@@ -199,3 +205,172 @@ def prevalence_figure(ctx: RunContext) -> plt.Figure:
     ax.set(ylabel="share positive among known", title="Marker prevalence per site (missing labels excluded)")
     fig.tight_layout()
     return fig
+
+
+# ---- the synthetic cohort's scenario: the plant, its latent check, and the preprocessing-only baselines ----
+def scenario_summary(ctx: RunContext) -> dict | None:
+    """Scenario, smallest site, cue endpoint and ``latent_dro_gain`` from a synthetic cohort's cohort.json."""
+    import json
+
+    path = ctx.cohort_dir / "cohort.json"
+    if not path.is_file():
+        return None
+    info = json.loads(path.read_text())
+    if "scenario" not in info:
+        return None
+    plan, check = info["scenario_plan"], info["latent_dro_check"]
+    return {"scenario": info["scenario"], "smallest_site": plan["smallest_site"], "cue": plan["cue"],
+            "cue_endpoint": plan["cue_endpoint"], "affected_endpoints": plan["affected_endpoints"],
+            "phenotype_shift": plan["phenotype_shift"], "hazard_shift": plan["hazard_shift"],
+            "latent_dro_gain": info["latent_dro_gain"], "latent_check": check.get("per_endpoint", {})}
+
+
+def cue_by_site_table(ctx: RunContext) -> pd.DataFrame | None:
+    """The plant: share of exams showing the cue, per site and label of the cue endpoint (synthetic only).
+
+    Uses the labels the manifest reports (masked ones left out): what a model trained on it can see.
+    """
+    summary, oracle = scenario_summary(ctx), ctx.oracle
+    if summary is None or oracle is None:
+        return None
+    endpoint = summary["cue_endpoint"]
+    cue = oracle[oracle["endpoint"] == "artifact"].set_index("subject_id")["value"]
+    frame = ctx.manifest[["subject_id", "site", "split", endpoint]].dropna(subset=[endpoint]).copy()
+    frame["cue"] = frame["subject_id"].map(cue)
+    table = (frame.groupby(["site", endpoint])["cue"].agg(["mean", "size"])
+             .rename(columns={"mean": "cue_rate", "size": "n"}).reset_index())
+    table = table.rename(columns={endpoint: "label"})
+    table.insert(1, "endpoint", endpoint)
+    return table
+
+
+def cue_by_site_figure(ctx: RunContext) -> plt.Figure | None:
+    """Bar chart of :func:`cue_by_site_table`: cue rate by label at each site (the smallest site marked)."""
+    table, summary = cue_by_site_table(ctx), scenario_summary(ctx)
+    if table is None:
+        return None
+    import seaborn as sns
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    plot = table.assign(label=table["label"].map({0.0: "negative", 1.0: "positive"}))
+    sns.barplot(data=plot, x="site", y="cue_rate", hue="label", ax=ax)
+    ax.set(ylim=(0, 1), ylabel="share of exams with the cue",
+           title=f"{summary['scenario']}: stripe cue vs {summary['cue_endpoint'].upper()} label "
+                 f"(smallest site: {summary['smallest_site']})")
+    fig.tight_layout()
+    return fig
+
+
+def oracle_cindex_table(ctx: RunContext) -> pd.DataFrame | None:
+    """C-index of the true log-hazard per site (a latent bound for survival models; synthetic only)."""
+    path = ctx.cohort_dir / "oracle_cindex.csv"
+    return pd.read_csv(path) if path.is_file() else None
+
+
+def _intensity_features(volume: np.ndarray, brain: np.ndarray) -> list[float]:
+    """Per contrast: mean, sd, five quantiles, and the mean absolute difference of neighbours along each
+    axis (sharpness / noise) inside the brain."""
+    feats = []
+    for c in range(volume.shape[0]):
+        v = volume[c]
+        inside = v[brain]
+        feats += [float(inside.mean()), float(inside.std()), *np.quantile(inside, [0.05, 0.25, 0.5, 0.75, 0.95])]
+        for axis in range(3):
+            diff = np.abs(np.diff(v, axis=axis))
+            both = brain[tuple(slice(1, None) if a == axis else slice(None) for a in range(3))] & \
+                brain[tuple(slice(None, -1) if a == axis else slice(None) for a in range(3))]
+            feats.append(float(diff[both].mean()) if both.any() else 0.0)
+    return feats
+
+
+def site_probe_baseline(ctx: RunContext, per_site: int = 60, seed: int = 0) -> pd.DataFrame:
+    """The preprocessing-only baseline for site invariance: how well simple intensity features of the
+    preprocessed volumes (per contrast: mean, sd, quantiles, neighbour differences inside the brain) predict
+    the site, with the same cross-validated logistic probe the embeddings analysis uses.
+
+    Returns one row: site_probe_bacc, chance (1 / sites), subjects, features. Site effects that a z-score
+    removes would give chance; the synthetic cohort's per-exam protocols are meant to leave the site
+    detectable but not perfectly.
+    """
+    dataset = ctx.dataset()
+    rows, sites = [], []
+    for site, part in ctx.manifest.groupby("site"):
+        for i in part.index[:per_site]:
+            item = dataset[ctx.manifest.index.get_loc(i)]
+            brain = np.asarray(item["brain"][0]).astype(bool)
+            rows.append(_intensity_features(np.asarray(item["image"], dtype=np.float32), brain))
+            sites.append(site)
+    x, y = np.asarray(rows), np.asarray(sites)
+    bacc = probe_balanced_accuracy(x, y, seed=seed) if len(set(sites)) > 1 else float("nan")
+    return pd.DataFrame([{"stage": "preprocessed intensities", "site_probe_bacc": bacc,
+                          "chance": 1.0 / max(1, len(set(sites))), "subjects": len(y), "features": x.shape[1]}])
+
+
+def _stripe_power(volume: np.ndarray, spacing: tuple, axis: int) -> float:
+    """Log share of the slice-median profile's power (along ``axis``) at 10-20 mm periods: the stripe cue."""
+    from scipy import ndimage
+
+    brain = volume > 0
+    profile = []
+    for k in range(volume.shape[axis]):
+        inside = np.take(brain, k, axis=axis)
+        if inside.sum() > 50:
+            profile.append(float(np.median(np.take(volume, k, axis=axis)[inside])))
+    profile = np.asarray(profile)
+    if len(profile) < 8:
+        return float("nan")
+    relative = profile / ndimage.gaussian_filter1d(profile, 24.0 / spacing[axis] / 2.355) - 1.0
+    freq = np.fft.rfftfreq(len(relative), d=spacing[axis])
+    power = np.abs(np.fft.rfft(relative - relative.mean())) ** 2
+    return float(np.log(power[(freq > 1 / 20) & (freq < 1 / 10)].sum() / (power[freq > 1 / 40].sum() + 1e-12) + 1e-6))
+
+
+def image_plant_check(ctx: RunContext) -> pd.DataFrame | None:
+    """The plant seen in the images, not the latents (synthetic cohorts with a scenario only).
+
+    Three hand-made features per exam from the stored images: stripe power along the site's phase-encoding
+    axis (the cue), oedema and tumour-core volume from the label map (the EGFR phenotype). An ERM and a
+    group-DRO logistic model (as in the generator's latent check) are fitted on the run's train and val exams
+    and scored on the smallest site's test exams. Returns one row per objective: endpoint, site, n, n_pos,
+    auc; plus ``cue_detection_auc``, the stripe feature's AUC for the true cue.
+    """
+    import json
+
+    from sklearn.metrics import roc_auc_score
+
+    summary, oracle = scenario_summary(ctx), ctx.oracle
+    if summary is None or oracle is None or summary["smallest_site"] is None:
+        return None
+    info = json.loads((ctx.cohort_dir / "cohort.json").read_text())
+    phase = {s["template"]["name"]: s["template"]["phase_axis"] for s in info["sites"]}
+    endpoint, small = summary["cue_endpoint"], summary["smallest_site"]
+    rows = []
+    for row in ctx.manifest.itertuples():
+        image = nib.load(row.t1)
+        volume = np.asarray(image.dataobj, dtype=np.float32)
+        seg = np.asarray(nib.load(row.seg).dataobj)
+        voxel_ml = float(np.prod(image.header.get_zooms()[:3])) / 1000.0
+        rows.append({"subject_id": row.subject_id, "site": row.site, "split": row.split,
+                     "label": getattr(row, endpoint),
+                     "stripe": _stripe_power(volume, image.header.get_zooms()[:3], phase[row.site]),
+                     "edema": np.log1p((seg == 2).sum() * voxel_ml), "core": np.log1p(np.isin(seg, (1, 4)).sum() * voxel_ml)})
+    frame = pd.DataFrame(rows).dropna(subset=["stripe"])
+    cue = oracle[oracle["endpoint"] == "artifact"].set_index("subject_id")["value"]
+    truth = frame["subject_id"].map(cue)
+    cue_auc = float(roc_auc_score(truth, frame["stripe"])) if truth.nunique() == 2 else float("nan")
+    labelled = frame.dropna(subset=["label"])
+    train = labelled[labelled["split"] != "test"]
+    test = labelled[(labelled["split"] == "test") & (labelled["site"] == small)]
+    cols = ["stripe", "edema", "core"]
+    centre, scale = train[cols].mean(), train[cols].std() + 1e-9
+    groups = (train["site"] + ":" + train["label"].astype(int).astype(str)).to_numpy()
+    out = []
+    for objective, dro in (("erm", False), ("dro", True)):
+        auc = float("nan")
+        if len(train) >= 10 and test["label"].nunique() == 2:
+            w = group_dro_logistic(((train[cols] - centre) / scale).to_numpy(), train["label"].to_numpy(float),
+                                   groups, dro)
+            auc = float(roc_auc_score(test["label"], ((test[cols] - centre) / scale).to_numpy() @ w[:-1]))
+        out.append({"objective": objective, "endpoint": endpoint, "site": small, "n": len(test),
+                    "n_pos": int(test["label"].sum()), "auc": auc, "cue_detection_auc": cue_auc})
+    return pd.DataFrame(out)

@@ -327,7 +327,7 @@ def check_no_patient_leak(df: pd.DataFrame, where: str = "manifest") -> None:
 
 
 def assign_splits(df: pd.DataFrame, seed: int, endpoint: str = "idh",
-                  fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)) -> pd.DataFrame:
+                  fractions: tuple[float, float, float] = (0.6, 0.2, 0.2), min_val_patients: int = 0) -> pd.DataFrame:
     """Fill empty ``split`` values by patient, stratified by site and ``endpoint``, deterministic by seed.
 
     Rows that already have a split keep it; a patient's other exams follow it. The remaining patients of each
@@ -338,11 +338,17 @@ def assign_splits(df: pd.DataFrame, seed: int, endpoint: str = "idh",
     a site with fewer (:data:`MIN_SPLIT_PATIENTS`) cannot be split and is kept for evaluation only: its
     patients go to ``test`` (``nrfm validate`` warns about it, :func:`small_groups` lists it).
 
+    A site whose manifest already marks test patients (a fixed held-out set, as ``nrfm synth`` writes) keeps
+    exactly those as test: its other patients are split into train and val only, in the ratio of the train
+    and val fractions, with at least ``min_val_patients`` in val (at most half of them), so that
+    worst-group model selection has enough validation patients at a small site.
+
     Args:
         df: manifest as from :func:`read_manifest`.
         seed: random seed (same seed and table, same splits).
         endpoint: binary endpoint to stratify by.
         fractions: train, val, test shares (positive, summing to 1).
+        min_val_patients: validation floor per site with a fixed test set (0 = none).
 
     Returns:
         A copy of ``df`` with ``split`` filled.
@@ -361,14 +367,21 @@ def assign_splits(df: pd.DataFrame, seed: int, endpoint: str = "idh",
     out.loc[out["split"] == "", "split"] = out["patient_id"].map(given).fillna("")
     todo = out[out["split"] == ""]
     rng = np.random.default_rng(seed)
-    target = np.asarray(fractions)
     chosen: dict[str, str] = {}
     evaluation_only = set(evaluation_only_sites(out))
+    fixed_test_sites = set(out.loc[df["split"] == "test", "site"])
     for site in sorted(todo["site"].unique()):
         part = todo[todo["site"] == site]
-        if site in evaluation_only:  # too few patients to split (MIN_SPLIT_PATIENTS): evaluation only
+        if site in evaluation_only and site not in fixed_test_sites:  # too few patients to split: evaluation only
             chosen.update({pid: "test" for pid in part["patient_id"].unique()})
             continue
+        target = np.asarray(fractions)
+        if site in fixed_test_sites:  # the held-out set is given: only train and val among the rest
+            n_rest = part["patient_id"].nunique()
+            val = fractions[1] / (fractions[0] + fractions[1])
+            if min_val_patients > 0 and n_rest > 0:
+                val = max(val, min(0.5, min_val_patients / n_rest))
+            target = np.array([1.0 - val, val, 0.0])
         labels = part.groupby("patient_id", sort=True)[endpoint].agg(
             lambda s: s.dropna().iloc[0] if s.notna().any() else -1.0)
         order: list[str] = []
@@ -383,7 +396,7 @@ def assign_splits(df: pd.DataFrame, seed: int, endpoint: str = "idh",
             assignment.append(k)
         fixed = out.loc[(out["site"] == site) & (out["split"] != ""), ["patient_id", "split"]].drop_duplicates()
         total = counts + np.array([(fixed["split"] == s).sum() for s in SPLITS])
-        if len(order) + len(fixed) >= 3:
+        if len(order) + len(fixed) >= 3 and site not in fixed_test_sites:
             for empty in [k for k in range(3) if total[k] == 0]:
                 # move the last-placed patient of the fullest split that can spare one
                 donors = [k for k in np.argsort(-total, kind="stable") if counts[k] > 0 and total[k] > 1]

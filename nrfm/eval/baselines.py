@@ -333,7 +333,6 @@ def run_baseline_stage(ctx, baseline: str, protocol: str = "pooled", progress: b
             features = load_embeddings(ctx, baseline, "pretrained")
     endpoints, cuts = tuple(cfg.endpoints), cuts_of(cfg)
     predictions, choices = baseline_predictions(ctx.manifest, features, endpoints, cuts, seed, protocol, folds)
-    name = f"{backbone}_{objective}_{protocol}"
     path = atomic_write_csv(ctx.layout.predictions(backbone, objective, protocol), predictions)
     atomic_write_json(ctx.layout.baseline_choices(backbone, objective, protocol),
                       {"backbone": backbone, "objective": objective, "protocol": protocol, "seed": seed,

@@ -183,7 +183,7 @@ def cohort_manifest_path(cfg: Config) -> Path:
     """Where the configured cohort's manifest is (the synthetic default is generated on demand)."""
     if cfg.cohort.manifest:
         return resolve_in_workspace(cfg.cohort.manifest)
-    name = f"synthetic-{cfg.cohort.synth_profile}-seed{cfg.cohort.synth_seed}"
+    name = f"synthetic-{cfg.cohort.synth_profile}-{cfg.cohort.synth_scenario}-seed{cfg.cohort.synth_seed}"
     if cfg.cohort.synth_sites:
         import hashlib
 
@@ -200,7 +200,8 @@ def ensure_cohort(cfg: Config, progress: bool = True) -> Path:
         return path
     if not path.is_file():
         generate_cohort(path.parent, profile=cfg.cohort.synth_profile, seed=cfg.cohort.synth_seed,
-                        sites=cfg.cohort.synth_sites or None, progress=progress)
+                        sites=cfg.cohort.synth_sites or None, progress=progress,
+                        scenario=cfg.cohort.synth_scenario)
     return path
 
 
@@ -226,7 +227,8 @@ def open_run(config: str | Path | Config, run_dir: str | Path | None = None, pro
     else:
         manifest = read_manifest(source)
         manifest = assign_splits(manifest, seed=cfg.seed, endpoint=cfg.cohort.split_endpoint,
-                                 fractions=cfg.cohort.split_fractions)
+                                 fractions=cfg.cohort.split_fractions,
+                                 min_val_patients=cfg.cohort.split_min_val_patients)
         check_no_patient_leak(manifest, where=str(source))
         frozen.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_csv(frozen, manifest)

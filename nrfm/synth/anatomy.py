@@ -25,10 +25,17 @@ Tumour (latent -> image, each map strictly monotone in its latent):
 - edema (EGFR): radius r_core (1.2 + sigmoid(1.2 f_edema)), weighted by white-matter affinity (label 2
   where inside that radius, outside the core and mostly WM/GM).
 - mismatch (IDH-mutant, non-codeleted): FLAIR of the inner core suppressed by 55 % sigmoid(2 f - 2), T2 up.
-- calcification (1p/19q): six dark foci (1.5 mm) in the core, depth 0.8 sigmoid(2 f_calcification - 2.5).
-- margin (ATRX, TP53, TP53-IHC): boundary width 2.5 exp(-0.5 f_margin) mm (clipped 0.7-6).
+- calcification (1p/19q): six dark foci (Gaussian sd 3 mm, so visible on the pipeline's 3 mm grid) in the
+  core, depth 0.8 sigmoid(2 f_calcification - 2.5).
+- margin (ATRX, TP53, TP53-IHC): boundary width 3.5 exp(-0.5 f_margin) mm (clipped 1.5-8: at 3 mm voxels
+  narrower margins would all look alike).
 - core_t2 (MGMT, weak): core T2 times 1 + 0.08 tanh(f / 1.5); core_t1 (TERT, weak): core T1 times
   1 - 0.08 tanh(f / 1.5).
+
+Protocol (per exam, drawn from the site's distributions, :func:`draw_protocol`): tissue contrast (spread of
+the tissue intensities around grey matter), contrast-agent enhancement gain (dose and timing), FLAIR CSF
+signal (suppression), slice-profile FWHM (through-plane blur of anatomy and tumour), noise level and
+bias-field strength. These overlap between sites and survive a z-score.
 
 Scanner (per site): stripe ghost artifact when drawn (10 % sinusoidal modulation with a 14 mm period along
 the phase-encoding axis: it survives a tumour-centred crop and z-scoring), in-plane Gaussian blur,
@@ -51,6 +58,14 @@ TISSUE = {
 }
 ENHANCEMENT_GAIN = 1.3  # added to T1c per unit of local enhancement
 STRIPE = {"amplitude": 0.10, "period_mm": 14.0}
+# Per-exam protocol draws around the site means (SiteTemplate.tissue_contrast, .enhancement, .flair_csf):
+# normal with these sds; slice profile FWHM uniform in the site's range; noise and bias-field strength the
+# site's value times uniform factors. Sites overlap, and none of these is undone by a z-score.
+# Cue sizes chosen to be resolvable on the pipeline's 3 mm grid (see the module docstring).
+FOCUS_SD_MM = 3.0
+MARGIN_MM, MARGIN_CLIP_MM = 3.5, (1.5, 8.0)
+PROTOCOL_SD = {"tissue_contrast": 0.06, "enhancement": 0.15, "flair_csf": 0.25}
+PROTOCOL_FACTOR = {"noise": (0.75, 1.25), "bias": (0.6, 1.4)}
 _TEMPLATE_MM = 2.0
 _BBOX = (np.array([-84.0, -118.0, -84.0]), np.array([84.0, 84.0, 94.0]))  # MNI brain +- 12 mm
 _VENTRICLE_MM = np.array([0.0, -15.0, 13.0])
@@ -182,6 +197,26 @@ def _tumour_centre(grid: SiteGrid, f: dict, r_core: float, rng: np.random.Genera
     return cand[pick, :3] + rng.uniform(-1.0, 1.0, 3)  # sub-voxel jitter
 
 
+def draw_protocol(site: SiteTemplate, rng: np.random.Generator) -> dict:
+    """This exam's acquisition settings, drawn from the site's distributions (see :data:`PROTOCOL_SD`)."""
+    return {"tissue_contrast": float(max(0.6, rng.normal(site.tissue_contrast, PROTOCOL_SD["tissue_contrast"]))),
+            "enhancement": float(max(0.2, rng.normal(site.enhancement, PROTOCOL_SD["enhancement"]))),
+            "flair_csf": float(max(0.2, rng.normal(site.flair_csf, PROTOCOL_SD["flair_csf"]))),
+            "slice_fwhm_mm": float(rng.uniform(*site.slice_fwhm_mm)),
+            "noise": float(site.noise * rng.uniform(*PROTOCOL_FACTOR["noise"])),
+            "bias": float(site.bias * rng.uniform(*PROTOCOL_FACTOR["bias"]))}
+
+
+def protocol_tissue(protocol: dict) -> dict:
+    """:data:`TISSUE` under this exam's tissue contrast (spread around grey matter) and FLAIR CSF signal."""
+    k = protocol["tissue_contrast"]
+    out = {t: tuple(TISSUE["gm"][c] + k * (v[c] - TISSUE["gm"][c]) for c in range(4)) for t, v in TISSUE.items()}
+    csf = list(out["csf"])
+    csf[3] = TISSUE["csf"][3] * protocol["flair_csf"]
+    out["csf"] = tuple(csf)
+    return out
+
+
 def render_subject(site: SiteTemplate, grid: SiteGrid, f: dict, artifact: bool, rng: np.random.Generator,
                    tumour_rng: np.random.Generator) -> tuple[dict, np.ndarray]:
     """Render one exam.
@@ -202,12 +237,14 @@ def render_subject(site: SiteTemplate, grid: SiteGrid, f: dict, artifact: bool, 
     mask = brain > 0.5
     safe = np.maximum(brain, 1e-6)
     jitter = 1.0 + 0.03 * rng.standard_normal((3, 4))
-    img = np.stack([sum(tis[t] * TISSUE[t][c] * jitter[i, c] for i, t in enumerate(("csf", "gm", "wm"))) / safe
+    protocol = draw_protocol(site, rng)
+    tissue = protocol_tissue(protocol)
+    img = np.stack([sum(tis[t] * tissue[t][c] * jitter[i, c] for i, t in enumerate(("csf", "gm", "wm"))) / safe
                     for c in range(4)])  # (4, X, Y, Z)
     seg = np.zeros(grid.shape, np.uint8)
 
     r_core = float(np.clip(15.0 * np.exp(0.25 * f["size"]), 7.0, 30.0))
-    width = float(np.clip(2.5 * np.exp(-0.5 * f["margin"]), 0.7, 6.0))
+    width = float(np.clip(MARGIN_MM * np.exp(-0.5 * f["margin"]), *MARGIN_CLIP_MM))
     r_ed = r_core * (1.2 + _sigmoid(1.2 * f["edema"]))
     centre = _tumour_centre(grid, f, r_core, tumour_rng)
     half = r_ed * 1.15 + 3 * width + 6.0
@@ -232,34 +269,34 @@ def render_subject(site: SiteTemplate, grid: SiteGrid, f: dict, artifact: bool, 
     local = np.clip(local * (1.0 + 0.6 * _sigmoid(f["heterogeneity"]) * texture), 0, None)
     mismatch = _sigmoid(2.0 * f["mismatch"] - 2.0) * _sigmoid((r_core - 4.0 - dist) / width)
     foci = 0.9 * r_core * tumour_rng.uniform(-1, 1, (6, 3)) / np.sqrt(3)
-    blob = np.max([np.exp(-((q - foci[j][:, None, None, None]) ** 2).sum(0) / (2 * 1.5 ** 2)) for j in range(6)], 0)
+    blob = np.max([np.exp(-((q - foci[j][:, None, None, None]) ** 2).sum(0) / (2 * FOCUS_SD_MM ** 2)) for j in range(6)], 0)
     calc = 0.8 * _sigmoid(2.0 * f["calcification"] - 2.5) * blob * core
     grain = 1.0 + 0.05 * _cosine_field(q, tumour_rng, 8, 8.0)
     mgmt_t2 = 1.0 + 0.08 * np.tanh(f["core_t2"] / 1.5)
     tert_t1 = 1.0 - 0.08 * np.tanh(f["core_t1"] / 1.5)
     for c in range(4):
-        solid_val = TISSUE["solid"][c] * np.ones_like(dist)
+        solid_val = tissue["solid"][c] * np.ones_like(dist)
         if c == 0:
             solid_val = solid_val * tert_t1
         if c == 1:
-            solid_val = solid_val + ENHANCEMENT_GAIN * local
+            solid_val = solid_val + ENHANCEMENT_GAIN * protocol["enhancement"] * local
         if c == 2:
             solid_val = solid_val * (1.0 + 0.12 * mismatch) * mgmt_t2
         if c == 3:
             solid_val = solid_val * (1.0 - 0.55 * mismatch)
-        nec_val = TISSUE["necrosis"][c] * (mgmt_t2 if c == 2 else 1.0)
-        mix = (1.0 - core - edema) * img[c][blk] + solid * solid_val + nec * nec_val + edema * TISSUE["edema"][c]
+        nec_val = tissue["necrosis"][c] * (mgmt_t2 if c == 2 else 1.0)
+        mix = (1.0 - core - edema) * img[c][blk] + solid * solid_val + nec * nec_val + edema * tissue["edema"][c]
         mix = mix * (1.0 + 0.2 * calc if c == 0 else 1.0 - calc) * np.where(core + edema > 0.05, grain, 1.0)
         img[c][blk] = mix
     is_edema = (lesion >= 0.5) & (affinity > 0.4)
     labels = np.where(core >= 0.5, np.where((nec < 0.5 * core) & (local > 0.4), 4, 1), np.where(is_edema, 2, 0))
     seg[blk] = np.where(mask[blk], labels, 0).astype(np.uint8)
-    return _scanner(site, grid, img, mask, artifact, rng), seg
+    return _scanner(site, grid, img, mask, artifact, rng, protocol), seg
 
 
 def _scanner(site: SiteTemplate, grid: SiteGrid, img: np.ndarray, mask: np.ndarray, artifact: bool,
-             rng: np.random.Generator) -> dict:
-    """Artifact, blur, bias field, Rician noise, gain and offset; zero outside the brain."""
+             rng: np.random.Generator, protocol: dict) -> dict:
+    """Artifact, in-plane and slice-profile blur, bias field, Rician noise, gain and offset; 0 outside the brain."""
     spacing = np.abs(grid.affine[:3, :3]).sum(0)
     if artifact:
         axis = site.phase_axis
@@ -267,17 +304,18 @@ def _scanner(site: SiteTemplate, grid: SiteGrid, img: np.ndarray, mask: np.ndarr
         pos = np.arange(grid.shape[axis]) * spacing[axis]
         stripe = 1.0 + STRIPE["amplitude"] * np.sin(2 * np.pi * pos / period + rng.uniform(0, 2 * np.pi))
         img = img * stripe.reshape([-1 if a == axis else 1 for a in range(3)])[None]
-    if site.blur_mm > 0:
-        sigma = [0.0] + [site.blur_mm / 2.355 / spacing[a] if a < 2 else 0.0 for a in range(3)]
+    sigma = [0.0] + [site.blur_mm / 2.355 / spacing[a] for a in range(2)] \
+        + [protocol["slice_fwhm_mm"] / 2.355 / spacing[2]]  # voxel axis 2 = the slice axis
+    if max(sigma) > 0:
         img = ndimage.gaussian_filter(img, sigma, mode="nearest")
     w = (grid.world - _CENTRE_MM[:, None, None, None]) / 80.0
     coef = rng.standard_normal(6) / np.sqrt(6)
     log_bias = coef[0] * w[0] + coef[1] * w[1] + coef[2] * w[2] + coef[3] * w[0] * w[1] + coef[4] * w[2] ** 2 \
         + coef[5] * w[1] * w[2]
-    img = img * np.exp(site.bias * log_bias)[None]
+    img = img * np.exp(protocol["bias"] * log_bias)[None]
     out, n = {}, int(mask.sum())
     for c, name in enumerate(CONTRASTS):
-        noise = site.noise * rng.standard_normal((2, n))
+        noise = protocol["noise"] * rng.standard_normal((2, n))
         vol = np.zeros(grid.shape, np.float32)
         vol[mask] = site.scale[c] * np.sqrt((img[c][mask] + noise[0]) ** 2 + noise[1] ** 2) + site.offset[c]
         out[name] = vol

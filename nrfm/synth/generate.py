@@ -1,17 +1,25 @@
 """The embedded synthetic multi-site glioma cohort (``nrfm synth``): realistic enough to mean something,
-with known ground truth so a model can be compared with the best achievable result.
+with known ground truth (a latent bound to compare models with) and a planted, controlled experiment for
+group DRO (two scenarios, :mod:`nrfm.synth.scenarios`).
 
-``generate_cohort(out, profile, seed, sites)`` writes, via a temporary folder renamed at the end:
+``generate_cohort(out, profile, seed, sites, scenario=...)`` writes, via a temporary folder renamed at the end:
 
-- ``manifest.csv``: the canonical manifest (data-formats.md), split left empty, image paths relative.
+- ``manifest.csv``: the canonical manifest (data-formats.md), image paths relative. ``split`` is ``test`` for
+  the profile's fixed held-out patients (all their exams) and empty for the rest, which a run splits into
+  train and val (:func:`nrfm.data.manifest.assign_splits`), so every run and seed scores the same test exams.
 - ``images/<subject_id>/{t1,t1c,t2,flair,seg}.nii.gz``: int16 with scl_slope (seg uint8, labels 0/1/2/4),
   each site with its own orientation and voxel spacing in the header; gzip with mtime 0 (byte-stable).
 - ``oracle.csv`` (subject_id, endpoint, value): for every exam, the exact posterior P(label = 1 | what the
   generator put into the image, site) for the eight binary endpoints, the true Ki-67 and TP53-IHC values
-  (%, also where the manifest masks them), and ``artifact`` (1 = the stripe ghost is in the images).
-- ``oracle_auc.csv`` (endpoint, site incl. ``all``, n, n_pos, auc): AUC of the oracle against the labels
-  the manifest reports (masked labels excluded, as in the kit's metrics): the Bayes limit for models.
-- ``cohort.json``: every generator parameter, the seed, the nrfm version, the profile, per-site counts.
+  (%, also where the manifest masks them), and ``artifact`` (1 = the stripe ghost, the scenario's cue, is in
+  the images).
+- ``oracle_auc.csv`` (endpoint, site incl. ``all``, n, n_pos, auc, bound, n_test, n_pos_test, auc_test): AUC
+  of the oracle against the labels the manifest reports (masked labels excluded, as in the kit's metrics).
+  A *latent* bound: the oracle sees the generator's latents, a model only the images (noise, resampling to
+  the pipeline's 3 mm grid and sub-voxel cues such as 1.5 mm calcification foci lose information).
+- ``oracle_cindex.csv`` (site, subset all/test, n, events, c_index, bound): c-index of the true log-hazard.
+- ``cohort.json``: every generator parameter, the seed, the nrfm version, the profile, per-site counts,
+  ``scenario``, its plan and ``latent_dro_gain`` (the latent ERM-vs-group-DRO check).
 
 The rules, in detail in the helper modules' docstrings:
 
@@ -19,18 +27,22 @@ The rules, in detail in the helper modules' docstrings:
   astrocytoma, 1p/19q-codeleted oligodendroglioma; so codeletion only with IDH mutation), grade from the
   class, six markers from (class, grade) with real dependencies (ATRX/TP53 mostly astrocytoma,
   EGFR/CDKN2A/B/TERT mostly IDH-wildtype, MGMT higher with IDH mutation), Ki-67 by grade (medians 3/6/27 %),
-  TP53-IHC by TP53 status, age by IDH; per-site prevalences, missing labels (MCAR per site and endpoint),
-  follow-up exams sharing a patient_id.
+  TP53-IHC by TP53 status, age by IDH; CDKN2A/B only where WHO 2021 allows it, ATRX and TP53 coupled in
+  astrocytoma; per-site prevalences, missing labels (at random per site and endpoint, except 1p/19q, tested
+  mainly in IDH-mutant tumours), follow-up exams sharing a patient_id.
 - Phenotype (:mod:`nrfm.synth.anatomy`): location (frontal for 1p/19q and IDH-mutant), size (grade, EGFR),
   necrosis (grade 4, CDKN2A/B, less with IDH mutation), enhancement (less with IDH mutation), edema (EGFR),
   T2-FLAIR mismatch (astrocytoma), calcification-like foci (1p/19q), enhancement heterogeneity (Ki-67),
   margin sharpness (ATRX, TP53, TP53-IHC), weak core T2 shift (MGMT, hard) and core T1 shift (TERT, weak),
   atrophy (age). Every endpoint leaves some signal in or around the tumour (the kit crops around it).
-- Site: orientation, spacing, slice thickness, blur, bias field, Rician noise, gain and offset per
-  contrast; a stripe ghost artifact (14 mm period along the phase axis, survives crop and z-scoring) in
-  45 % of MGMT-methylated vs 10 % of unmethylated UCSF exams but label-free elsewhere: an ERM shortcut that
-  group DRO should resist.
-- Survival: Weibull proportional hazards in age, IDH, MGMT, grade, size and necrosis; site censoring.
+- Site: orientation, spacing, blur, bias field, Rician noise, gain and offset per contrast, and per-exam
+  protocol settings drawn from per-site distributions that overlap (tissue contrast, enhancement, FLAIR
+  suppression, slice profile, noise and bias strength): site effects that survive the z-score.
+- Scenario (:mod:`nrfm.synth.scenarios`): ``site-shift`` plants a stripe ghost (14 mm period along the phase
+  axis, survives crop and z-scoring) that agrees with EGFR at the large sites and is reversed at the smallest,
+  whose EGFR phenotype and size hazard also differ; ``no-shift`` keeps the same cue label-free.
+- Survival: Weibull proportional hazards in age, IDH, MGMT, grade, size and necrosis; site censoring;
+  reported on each patient's first exam only.
 
 Determinism: patient, exam and tumour generators are seeded from (seed, site name, patient index), so the
 bytes of the manifest and images do not depend on the number of worker processes.
@@ -55,13 +67,16 @@ import pandas as pd
 from nrfm.config import BINARY_ENDPOINTS, CONTINUOUS_ENDPOINTS, ENDPOINTS
 from nrfm.errors import ConfigError, RunError
 from nrfm.files import atomic_write_csv, atomic_write_json
-from nrfm.synth.anatomy import ENHANCEMENT_GAIN, STRIPE, TISSUE, render_subject, site_grid
-from nrfm.synth.markers import FEATURES, MODEL, marginal_prevalence, oracle_posterior, sample_patients
+from nrfm.synth.scenarios import CUE_ENDPOINT, SCENARIOS, apply_scenario, check_scenario, latent_dro_check
 from nrfm.synth.sites import CONTRASTS, KNOWN_SITES, SiteTemplate, parse_site_spec
+from nrfm.synth.anatomy import (ENHANCEMENT_GAIN, FOCUS_SD_MM, MARGIN_CLIP_MM, MARGIN_MM, PROTOCOL_FACTOR,
+                                 PROTOCOL_SD, STRIPE, TISSUE, render_subject, site_grid)
+from nrfm.synth.markers import (FEATURES, MODEL, log_hazard, marginal_prevalence, marker_latents,
+                                 oracle_posterior, sample_patients, site_survival)
 
 MANIFEST_COLUMNS = ("subject_id", "patient_id", "site", "split", "t1", "t1c", "t2", "flair", "seg", "age", "sex",
                     "grade") + ENDPOINTS + ("os_days", "os_event")
-_GZIP_LEVEL = 4  # level 6-9 saves under 2 % on noisy images at twice the time
+_GZIP_LEVEL = 1  # noisy images: level 4 saves about 3 % more at twice the time, 6-9 under 2 % beyond that
 
 
 @dataclass(frozen=True)
@@ -73,14 +88,20 @@ class Profile:
     spacing_scale: float  # multiplies each site's voxel spacing (coarser = faster)
     max_spacing_mm: float  # cap per axis after scaling
     description: str
+    test_per_site: int = 0  # patients per site marked split=test in the manifest (the fixed held-out set)
 
 
+# Default: 160 test patients per site (fixed in the manifest); the rest is train/val for the run to split, so
+# training stays imbalanced as in the paper (CUIMC: 65 non-test patients, e.g. 35 train + 30 val). The grid is
+# 1.3 x the scanners' native spacing (2.6-3.3 mm in-plane), about the pipeline's 3 mm: finer voxels would only
+# be averaged away by the preprocessing and cost generation time.
 PROFILES: dict[str, Profile] = {
     "smoke": Profile("smoke", "UCSF:16,UPenn:14,CUIMC:10", 1.6, 6.0,
-                     "about 40 exams on a coarse ~4 mm grid: tests and the smoke config, seconds"),
-    "default": Profile("default", "UCSF:130,UPenn:110,CUIMC:50", 1.0, 6.0,
-                       "about 300 exams at native 2-5 mm: the kit's default data"),
-    "large": Profile("large", "UCSF:400,UPenn:360,CUIMC:120", 1.0, 6.0, "about 900 exams at native 2-5 mm"),
+                     "about 40 exams on a coarse ~4 mm grid: tests and the smoke config, seconds", 4),
+    "default": Profile("default", "UCSF:330,UPenn:305,CUIMC:225", 1.3, 6.0,
+                       "about 870 exams (160 test patients per site) at about 3 mm: the kit's default data", 160),
+    "large": Profile("large", "UCSF:640,UPenn:600,CUIMC:300", 1.0, 6.0,
+                     "about 1550 exams (200 test patients per site) at native 2-5 mm", 200),
 }
 
 
@@ -156,8 +177,19 @@ def _render_task(task: tuple) -> tuple[str, dict]:
     return sid, {int(k): int((seg == k).sum()) for k in (1, 2, 4)}
 
 
-def _exam_table(sites: list[tuple[SiteTemplate, int]], seed: int) -> tuple[pd.DataFrame, list]:
-    """Patients and their exams for every site, with oracle posteriors and generator seeds."""
+MIN_NON_TEST_SHARE = 0.25  # a site's fixed test set never takes more than 75 % of its patients
+CODEL_TESTED_IDH_MUTANT = 0.92  # 1p/19q is tested mainly in IDH-mutant tumours (missing not at random)
+CODEL_TESTED_IDH_WILDTYPE_MAX = 0.2  # ... and in at most this share of IDH-wildtype ones
+
+
+def _exam_table(sites: list[tuple[SiteTemplate, int]], seed: int, test_per_site: int = 0) -> tuple[pd.DataFrame, list]:
+    """Patients and their exams for every site, with oracle posteriors, generator seeds and the test split.
+
+    ``test_per_site`` patients of each site (leaving at least five and :data:`MIN_NON_TEST_SHARE` of them for
+    train/val, which matters for small ``--sites`` counts) are marked ``split = test`` at random;
+    the others get an empty split. Survival is reported on each patient's first exam only (as the importers
+    do: follow-up exams carry none).
+    """
     frames = []
     for site, n in sites:
         key = zlib.crc32(site.name.encode("utf-8"))
@@ -166,10 +198,15 @@ def _exam_table(sites: list[tuple[SiteTemplate, int]], seed: int) -> tuple[pd.Da
         pats["patient_id"] = [f"{site.name}-{i:04d}" for i in range(1, n + 1)]
         pats["patient_index"] = np.arange(n)
         pats["tumour_seed"] = [[seed, key, i, 0] for i in range(n)]
+        n_test = min(int(test_per_site), max(n - max(5, math.ceil(MIN_NON_TEST_SHARE * n)), 0)) if test_per_site else 0
+        test = np.zeros(n, bool)
+        test[np.random.default_rng([seed, key, 1]).permutation(n)[:n_test]] = True
+        pats["split"] = np.where(test, "test", "")
         followup = rng.random(n) < site.followup_fraction
         fu = pats[followup].copy()
         label = fu[site.artifact_endpoint].to_numpy()
         fu["artifact"] = (rng.random(len(fu)) < np.where(label == 1, site.artifact_p[1], site.artifact_p[0])).astype(int)
+        fu["os_days"], fu["os_event"] = np.nan, np.nan
         pats["exam"], fu["exam"] = 1, 2
         exams = pd.concat([pats, fu]).sort_values(["patient_id", "exam"], kind="stable").reset_index(drop=True)
         exams["subject_id"] = exams["patient_id"] + "_" + exams["exam"].map("{:02d}".format)
@@ -178,15 +215,19 @@ def _exam_table(sites: list[tuple[SiteTemplate, int]], seed: int) -> tuple[pd.Da
         post = oracle_posterior(exams, site)
         for e in BINARY_ENDPOINTS:
             exams[f"oracle_{e}"] = post[e].to_numpy()
-        for e in ENDPOINTS:  # reported labels: missing completely at random per site and endpoint
+        for e in ENDPOINTS:  # reported labels: missing at random per site and endpoint, except 1p/19q (below)
             exams[f"observed_{e}"] = rng.random(len(exams)) >= site.missing[e]
+        tested = np.where(exams["idh"] == 1, CODEL_TESTED_IDH_MUTANT,
+                          min(CODEL_TESTED_IDH_WILDTYPE_MAX, 1.0 - site.missing["codel_1p19q"]))
+        exams["observed_codel_1p19q"] = rng.random(len(exams)) < tested
+        exams["true_log_hazard"] = log_hazard(exams, site)
         frames.append(exams)
     return pd.concat(frames, ignore_index=True), [s for s, _ in sites]
 
 
 def _manifest(exams: pd.DataFrame) -> pd.DataFrame:
     man = pd.DataFrame({"subject_id": exams["subject_id"], "patient_id": exams["patient_id"],
-                        "site": exams["site"], "split": ""})
+                        "site": exams["site"], "split": exams["split"]})
     for c in CONTRASTS + ("seg",):
         man[c] = "images/" + exams["subject_id"] + f"/{c}.nii.gz"
     man["age"], man["sex"], man["grade"] = exams["age"], exams["sex"], exams["grade"]
@@ -194,7 +235,7 @@ def _manifest(exams: pd.DataFrame) -> pd.DataFrame:
         man[e] = exams[e].astype("Int64").where(exams[f"observed_{e}"])
     for e in CONTINUOUS_ENDPOINTS:
         man[e] = exams[e].round(1).where(exams[f"observed_{e}"])
-    man["os_days"], man["os_event"] = exams["os_days"], exams["os_event"]
+    man["os_days"], man["os_event"] = exams["os_days"].astype("Int64"), exams["os_event"].astype("Int64")
     return man[list(MANIFEST_COLUMNS)]
 
 
@@ -208,18 +249,70 @@ def _oracle(exams: pd.DataFrame) -> pd.DataFrame:
 
 
 def oracle_auc_table(exams: pd.DataFrame, site_names: list[str]) -> pd.DataFrame:
-    """AUC of the oracle probability against the reported labels, per binary endpoint and site (+ ``all``)."""
+    """AUC of the oracle probability against the reported labels, per binary endpoint and site (+ ``all``).
+
+    The oracle conditions on the generator's latents, so this is a *latent bound* (column ``bound``), not the
+    best a model can achieve from the images: noise, resampling and sub-voxel cues lose information.
+    ``n_test`` / ``n_pos_test`` / ``auc_test``: the same on the manifest's fixed test exams.
+    """
     from sklearn.metrics import roc_auc_score
 
+    def auc_of(sel):
+        y, p = exams.loc[sel, e].to_numpy(), exams.loc[sel, f"oracle_{e}"].to_numpy()
+        n_pos = int(y.sum())
+        return int(len(y)), n_pos, round(float(roc_auc_score(y, p)) if 0 < n_pos < len(y) else math.nan, 4)
+
+    test = exams["split"] == "test"
     rows = []
     for e in BINARY_ENDPOINTS:
         for site in list(site_names) + ["all"]:
             sel = exams[f"observed_{e}"] & ((exams["site"] == site) if site != "all" else True)
-            y, p = exams.loc[sel, e].to_numpy(), exams.loc[sel, f"oracle_{e}"].to_numpy()
-            n_pos = int(y.sum())
-            auc = float(roc_auc_score(y, p)) if 0 < n_pos < len(y) else math.nan
-            rows.append({"endpoint": e, "site": site, "n": int(len(y)), "n_pos": n_pos, "auc": round(auc, 4)})
+            n, n_pos, auc = auc_of(sel)
+            n_t, n_pos_t, auc_t = auc_of(sel & test)
+            rows.append({"endpoint": e, "site": site, "n": n, "n_pos": n_pos, "auc": auc, "bound": "latent",
+                         "n_test": n_t, "n_pos_test": n_pos_t, "auc_test": auc_t})
     return pd.DataFrame(rows)
+
+
+def oracle_cindex_table(exams: pd.DataFrame, site_names: list[str]) -> pd.DataFrame:
+    """Harrell's c-index of the true log-hazard (the generator's linear predictor) per site (+ ``all``).
+
+    One row per site and subset (``all`` patients, ``test`` patients), on each patient's survival exam:
+    n, events, c_index. Like the oracle AUC, a latent bound for survival models.
+    """
+    from lifelines.utils import concordance_index
+
+    surv = exams.dropna(subset=["os_days", "os_event"])
+    rows = []
+    for site in list(site_names) + ["all"]:
+        part = surv if site == "all" else surv[surv["site"] == site]
+        for subset, sub in (("all", part), ("test", part[part["split"] == "test"])):
+            events = int(sub["os_event"].sum())
+            c = (concordance_index(sub["os_days"], -sub["true_log_hazard"], sub["os_event"])
+                 if events > 0 and len(sub) > 1 else math.nan)
+            rows.append({"site": site, "subset": subset, "n": int(len(sub)), "events": events,
+                         "c_index": round(float(c), 4), "bound": "latent"})
+    return pd.DataFrame(rows)
+
+
+def held_out_floor_table(exams: pd.DataFrame, site_names: list[str], min_prevalence: float = 0.1) -> pd.DataFrame:
+    """What the fixed test set can decide: per site, test exams, survival events, labelled positives per marker.
+
+    ``exists`` = the marker's configured prevalence at the site is at least ``min_prevalence`` (rarer markers,
+    e.g. IDH mutation in a glioblastoma-only cohort, cannot reach a floor at any affordable size).
+    """
+    rows = []
+    for site in site_names:
+        part = exams[(exams["site"] == site) & (exams["split"] == "test")]
+        for e in BINARY_ENDPOINTS:
+            known = part[part[f"observed_{e}"]]
+            rows.append({"site": site, "endpoint": e, "test_exams": int(len(part)),
+                         "test_events": int(part["os_event"].fillna(0).sum()), "n_known": int(len(known)),
+                         "n_pos": int(known[e].sum()), "prevalence": round(float(part[e].mean()), 4)
+                         if len(part) else math.nan})
+    table = pd.DataFrame(rows)
+    table["exists"] = table["prevalence"] >= min_prevalence
+    return table
 
 
 def _plain(value):
@@ -234,7 +327,7 @@ def _plain(value):
     return value
 
 
-def _cohort_json(exams, sites, profile, seed, spec, spacings) -> dict:
+def _cohort_json(exams, sites, profile, seed, spec, spacings, plan, check) -> dict:
     per_site = []
     for site in sites:
         rows = exams[exams["site"] == site.name]
@@ -247,24 +340,39 @@ def _cohort_json(exams, sites, profile, seed, spec, spacings) -> dict:
             "realised_prevalence": {e: round(float(rows[e].mean()), 4) for e in BINARY_ENDPOINTS},
             "labelled": {e: int(rows[f"observed_{e}"].sum()) for e in ENDPOINTS},
             "artifact_rate": round(float(rows["artifact"].mean()), 4) if len(rows) else None,
+            "splits": {k: int((rows["split"] == k).sum()) for k in ("test", "")},
+            "test_set": {"exams": int((rows["split"] == "test").sum()),
+                         "survival_events": int(rows.loc[rows["split"] == "test", "os_event"].fillna(0).sum()),
+                         "labelled_positives": {e: int(rows.loc[(rows["split"] == "test") & rows[f"observed_{e}"], e].sum())
+                                                for e in BINARY_ENDPOINTS}},
+            "survival_exams": int(rows["os_days"].notna().sum()),
+            "hazard": site_survival(site),
         })
     return _plain({
         "generator": "nrfm.synth.generate", "nrfm_version": _version(), "profile": profile.__dict__, "seed": int(seed),
+        "scenario": plan["name"], "scenario_plan": plan, "latent_dro_gain": check["latent_dro_gain"],
+        "latent_dro_check": check,
         "sites_spec": spec, "n_subjects": int(len(exams)), "n_patients": int(exams["patient_id"].nunique()),
         "sites": per_site, "marker_model": MODEL, "phenotype_latents": list(FEATURES),
         "anatomy": {"template": "nilearn MNI152 (ICBM 2009) GM/WM/brain mask, 2 mm", "tissue_intensity": TISSUE,
-                    "enhancement_gain": ENHANCEMENT_GAIN},
+                    "enhancement_gain": ENHANCEMENT_GAIN, "protocol_sd": PROTOCOL_SD, "protocol_factor": PROTOCOL_FACTOR,
+                    "calcification_focus_sd_mm": FOCUS_SD_MM, "margin_mm": MARGIN_MM, "margin_clip_mm": MARGIN_CLIP_MM,
+                    "resolution_note": "cues sized to be resolvable on a 3 mm grid; the weak core T1/T2 shifts "
+                                       "(TERT, MGMT) are intensity cues, not sub-voxel, but small against noise"},
         "artifact": {"kind": "stripe ghost: sinusoidal intensity modulation along the phase-encoding axis",
                      **STRIPE, "per_site": {s.name: {"endpoint": s.artifact_endpoint, "p_if_label0": s.artifact_p[0],
                                                      "p_if_label1": s.artifact_p[1]} for s in sites},
                      "recorded_in": "oracle.csv endpoint 'artifact'"},
-        "oracle": "exact posterior over 576 (class, grade, marker) configurations given the phenotype latents, "
-                  "the artifact and the site; oracle_auc.csv uses labels reported in the manifest",
+        "oracle": "latent bound: exact posterior over the 576 (class, grade, marker) configurations given the "
+                  "phenotype latents, the artifact and the site (not the best achievable from the images: noise, "
+                  "resampling and sub-voxel cues lose information); oracle_auc.csv uses labels reported in the "
+                  "manifest; oracle_cindex.csv: c-index of the true log-hazard",
     })
 
 
 def generate_cohort(out: Path, profile: str = "default", seed: int = 0, sites: str | None = None,
-                    force: bool = False, progress: bool = True, workers: int | None = None) -> SynthResult:
+                    force: bool = False, progress: bool = True, workers: int | None = None,
+                    scenario: str = "site-shift") -> SynthResult:
     """Generate the synthetic cohort into ``out`` (see the module docstring for the files and the rules).
 
     Args:
@@ -275,19 +383,22 @@ def generate_cohort(out: Path, profile: str = "default", seed: int = 0, sites: s
         force: replace an existing cohort in ``out``.
         progress: show a progress bar and print the oracle AUC table.
         workers: rendering processes; None = min(2, CPU count). Output does not depend on it.
+        scenario: ``site-shift`` or ``no-shift`` (:mod:`nrfm.synth.scenarios`).
     Raises:
         ConfigError: bad profile, seed or site spec. RunError: ``out`` unusable or already a cohort.
     """
     start = time.perf_counter()
     out = Path(out).resolve()  # a name to build the temp folder beside it, also for "." or "dir/"
     prof = _check_args(out, profile, seed, force)
+    check_scenario(scenario)
     spec = sites if sites is not None else prof.sites
-    site_list = parse_site_spec(spec)
+    site_list, plan = scenario_sites(spec, scenario)
     spacings = {s.name: _site_spacing(s, prof) for s, _ in site_list}
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir(parents=True)
-        exams, templates = _exam_table(site_list, int(seed))
+        exams, templates = _exam_table(site_list, int(seed), prof.test_per_site)
+        check = latent_dro_check(exams, plan, marker_latents(plan["affected_endpoints"]))
         for s in templates:  # build grids before forking so workers inherit them
             site_grid(s.orientation, spacings[s.name])
         by_name = {s.name: s for s in templates}
@@ -298,17 +409,36 @@ def generate_cohort(out: Path, profile: str = "default", seed: int = 0, sites: s
         atomic_write_csv(tmp / "oracle.csv", _oracle(exams))
         table = oracle_auc_table(exams, [s.name for s in templates])
         atomic_write_csv(tmp / "oracle_auc.csv", table)
-        atomic_write_json(tmp / "cohort.json", _cohort_json(exams, templates, prof, seed, spec, spacings))
+        atomic_write_csv(tmp / "oracle_cindex.csv", oracle_cindex_table(exams, [s.name for s in templates]))
+        atomic_write_json(tmp / "cohort.json", _cohort_json(exams, templates, prof, seed, spec, spacings, plan, check))
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     seconds = time.perf_counter() - start
     if progress:
-        print(f"synthetic cohort: {len(exams)} exams at {[s.name for s in templates]} in {seconds:.1f} s -> {out}")
-        print("oracle AUC (Bayes limit given the image, reported labels):")
+        print(f"synthetic cohort ({scenario}): {len(exams)} exams at {[s.name for s in templates]} in "
+              f"{seconds:.1f} s -> {out}")
+        print(f"latent_dro_gain (smallest site, group DRO minus ERM AUC on the latents): {check['latent_dro_gain']}")
+        print("oracle AUC (latent bound: given the generator's latents, reported labels):")
         print(table.pivot(index="endpoint", columns="site", values="auc").loc[list(BINARY_ENDPOINTS)].to_string())
     return SynthResult(manifest_path=out / "manifest.csv", oracle_auc=table, seconds=seconds)
+
+
+def scenario_sites(spec: str, scenario: str) -> tuple[list[tuple[SiteTemplate, int]], dict]:
+    """Parse a site spec and apply the scenario (:func:`nrfm.synth.scenarios.apply_scenario`)."""
+    site_list = parse_site_spec(spec)
+    prevalence = {s.name: marginal_prevalence(s)[CUE_ENDPOINT] for s, _ in site_list}
+    return apply_scenario(site_list, scenario, prevalence)
+
+
+def latent_experiment(profile: str = "default", seed: int = 0, scenario: str = "site-shift",
+                      sites: str | None = None) -> tuple[pd.DataFrame, dict]:
+    """The exam table and the latent ERM-vs-DRO check of a cohort, without rendering (seconds)."""
+    prof = PROFILES[profile]
+    site_list, plan = scenario_sites(sites if sites is not None else prof.sites, check_scenario(scenario))
+    exams, _ = _exam_table(site_list, int(seed), prof.test_per_site)
+    return exams, latent_dro_check(exams, plan, marker_latents(plan["affected_endpoints"]))
 
 
 def _render_all(tasks: list, workers: int | None, progress: bool) -> None:
@@ -359,5 +489,6 @@ def site_intensity_table(manifest_path: Path, contrast: str = "t1") -> pd.DataFr
     return pd.DataFrame(rows)
 
 
-__all__ = ["PROFILES", "KNOWN_SITES", "Profile", "SynthResult", "generate_cohort", "oracle_auc_table",
-           "parse_site_spec", "site_intensity_table"]
+__all__ = ["PROFILES", "KNOWN_SITES", "SCENARIOS", "Profile", "SynthResult", "generate_cohort",
+           "latent_experiment", "oracle_auc_table", "oracle_cindex_table", "parse_site_spec", "scenario_sites",
+           "site_intensity_table", "held_out_floor_table"]

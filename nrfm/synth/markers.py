@@ -6,27 +6,32 @@ Generative model per patient at site *s* (every number below is in :data:`MODEL`
    oligodendroglioma, with P(IDH-mutant) and P(codel | IDH-mutant) from the site template. So 1p/19q
    codeletion never occurs without IDH mutation.
 2. WHO grade 2/3/4 given the class (site template).
-3. Six binary markers independent given (class, grade), from :data:`MARKER_P` (rows: class; columns:
-   grade 2, 3, 4): ATRX loss and TP53 mutation mostly in astrocytomas, EGFR amplification, CDKN2A/B loss
-   and TERT promoter mutation mostly IDH-wildtype (TERT also in oligodendroglioma, as in real tumours);
-   MGMT methylation 40-60 % in IDH-wildtype (site template), higher with IDH mutation.
+3. Six binary markers given (class, grade), from :data:`MARKER_P` (rows: class; columns: grade 2, 3, 4),
+   independent except ATRX and TP53, which are jointly drawn in astrocytoma (:data:`ATRX_TP53_ASTRO`):
+   ATRX loss and TP53 mutation mostly in astrocytomas, EGFR amplification and TERT promoter mutation mostly
+   IDH-wildtype (TERT also in oligodendroglioma, as in real tumours), CDKN2A/B deletion only in grade-4
+   IDH-wildtype and grade-4 IDH-mutant astrocytoma (WHO 2021); MGMT methylation 40-60 % in IDH-wildtype
+   (site template), higher with IDH mutation.
 4. Continuous: log Ki-67 ~ N(log median_grade, 0.6) with medians 3 / 6 / 27 % (grade 2 / 3 / 4);
    log TP53-IHC ~ N(log 35 %, 0.5) if TP53-mutant else N(log 5 %, 0.6); both clipped to [0.1, 100] %.
    Age ~ N(62, 11) IDH-wildtype, N(41, 12) IDH-mutant (clipped to [18, 90] in the manifest); sex M 58 %.
 5. Twelve phenotype latents f = B x(c) + Gaussian noise, where x(c) = [1, astro, oligo, grade3, grade4,
    mgmt, egfr, atrx, tp53, cdkn2ab, tert] and :data:`FEATURES` gives each row of B (plus Ki-67, TP53-IHC
    and age terms for heterogeneity, margin and atrophy). synth_anatomy renders each latent into the
-   image with a strictly monotone map (its docstring lists them).
-6. Artifact: Bernoulli with P(artifact | label of the site's artifact endpoint) from the site template.
+   image with a strictly monotone map (its docstring lists them). A scenario may shift B at one site
+   (``SiteTemplate.phenotype_shift``, see :mod:`nrfm.synth.scenarios`).
+6. Artifact (the scenario's cue): Bernoulli with P(artifact | label of the site's artifact endpoint).
 7. Survival: Weibull proportional hazards, shape :data:`SURVIVAL` ``shape``, baseline median 450 days,
    log-hazard = 0.25 (age-60)/10 - 0.9 idh - 0.45 mgmt - 1.0 grade2 - 0.5 grade3 + 0.15 f_size
-   + 0.2 f_necrosis; censoring = min(Uniform administrative follow-up, Exponential loss) per site.
+   + 0.2 f_necrosis (a scenario may change one weight at one site, ``SiteTemplate.hazard_shift``);
+   censoring = min(Uniform administrative follow-up, Exponential loss) per site.
 
 Oracle: because Ki-67, TP53-IHC and age enter the latents linearly in Gaussian form, each latent given
 the discrete configuration c = (class, grade, six markers) is Gaussian with a closed-form mean and
 variance. The posterior P(marker = 1 | latents, artifact, site) is then computed exactly by enumerating
 all 3 x 3 x 2^6 = 576 configurations (:func:`oracle_posterior`). It conditions on what the generator put
-into the image; image noise and resampling only lose information, so it is the Bayes limit.
+into the image, so it is a *latent* bound: image noise, resampling to the pipeline's grid and sub-voxel
+cues lose information, and a model seeing only the images can fall short of it.
 """
 from __future__ import annotations
 
@@ -47,9 +52,14 @@ MARKER_P = {
     "egfr": ((0.20, 0.20, 0.45), (0.03, 0.03, 0.03), (0.02, 0.02, 0.02)),
     "atrx": ((0.06, 0.06, 0.06), (0.70, 0.70, 0.70), (0.03, 0.03, 0.03)),
     "tp53": ((0.25, 0.25, 0.30), (0.80, 0.80, 0.80), (0.06, 0.06, 0.06)),
-    "cdkn2ab": ((0.30, 0.30, 0.55), (0.08, 0.08, 0.45), (0.03, 0.10, 0.10)),
+    # WHO 2021: CDKN2A/B homozygous deletion only in IDH-wildtype glioblastoma and (defining grade 4) in
+    # IDH-mutant astrocytoma; absent elsewhere in this model.
+    "cdkn2ab": ((0.0, 0.0, 0.55), (0.0, 0.0, 0.45), (0.0, 0.0, 0.0)),
     "tert": ((0.50, 0.50, 0.72), (0.05, 0.05, 0.05), (0.92, 0.92, 0.92)),
 }
+# ATRX loss and TP53 mutation travel together in IDH-mutant astrocytoma: joint P(atrx, tp53 | astrocytoma)
+# with the marginals of MARKER_P (0.70, 0.80); independent given (class, grade) in the other classes.
+ATRX_TP53_ASTRO = {(1, 1): 0.65, (1, 0): 0.05, (0, 1): 0.15, (0, 0): 0.15}
 X_NAMES = ("one", "astro", "oligo", "grade3", "grade4") + SIX
 # Phenotype latents: coefficients on x(c), noise sd, and the continuous-latent term (name, weight).
 FEATURES = {
@@ -75,8 +85,8 @@ SURVIVAL = {"shape": 1.4, "median_days": 450.0, "age_per_10y": 0.25, "idh": -0.9
 P_MALE = 0.58
 # Standardisation of the continuous latents inside the phenotype (z = (log value - centre) / scale).
 _Z = {"ki67": (np.log(10.0), 1.0), "tp53_ihc": (np.log(12.0), 1.0), "age": (55.0, 15.0)}
-MODEL = {"marker_p": MARKER_P, "features": FEATURES, "ki67_median": KI67_MEDIAN, "ki67_log_sd": KI67_LOG_SD,
-         "tp53_ihc": TP53_IHC, "age": AGE, "survival": SURVIVAL, "p_male": P_MALE, "latent_z": _Z}
+MODEL = {"marker_p": MARKER_P, "atrx_tp53_astrocytoma": {f"atrx{a}_tp53{t}": q for (a, t), q in ATRX_TP53_ASTRO.items()},
+         "features": FEATURES, "ki67_median": KI67_MEDIAN, "ki67_log_sd": KI67_LOG_SD, "tp53_ihc": TP53_IHC, "age": AGE, "survival": SURVIVAL, "p_male": P_MALE, "latent_z": _Z}
 
 
 def configurations(site: SiteTemplate) -> tuple[np.ndarray, np.ndarray]:
@@ -92,19 +102,38 @@ def configurations(site: SiteTemplate) -> tuple[np.ndarray, np.ndarray]:
     for k, g, bits in itertools.product(range(3), range(3), itertools.product((0, 1), repeat=6)):
         p = p_class[k] * site.grade_given_class[k][g]
         for name, b in zip(SIX, bits):
+            if k == 1 and name in ("atrx", "tp53"):
+                continue
             q = site.p_mgmt_idh_wildtype if (name == "mgmt" and k == 0) else MARKER_P[name][k][g]
             p *= q if b else 1 - q
+        if k == 1:
+            p *= ATRX_TP53_ASTRO[(bits[SIX.index("atrx")], bits[SIX.index("tp53")])]
         rows.append((1, k == 1, k == 2, g == 1, g == 2) + bits)
         prior.append(p)
     return np.asarray(rows, dtype=float), np.asarray(prior)
 
 
-def feature_moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def site_features(site: SiteTemplate) -> dict:
+    """:data:`FEATURES` with the site's phenotype shift applied (``site.phenotype_shift``: (latent, term, coef))."""
+    if not site.phenotype_shift:
+        return FEATURES
+    out = {name: (dict(coef), noise, cont) for name, (coef, noise, cont) in FEATURES.items()}
+    for latent, term, value in site.phenotype_shift:
+        out[latent][0][term] = value
+    return out
+
+
+def marker_latents(endpoints) -> dict[str, list[str]]:
+    """Per endpoint, the latent columns (``f_<name>``) whose mean its label shifts in :data:`FEATURES`."""
+    return {e: [f"f_{name}" for name, (coef, _, _) in FEATURES.items() if e in coef] for e in endpoints}
+
+
+def feature_moments(x: np.ndarray, features: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Mean (C, F) and sd (F,) of the latents given configurations ``x``, continuous latents integrated out."""
     col = {n: i for i, n in enumerate(X_NAMES)}
     idh = x[:, col["astro"]] + x[:, col["oligo"]]
     means, sds = [], []
-    for coef, noise, cont in FEATURES.values():
+    for coef, noise, cont in (features or FEATURES).values():
         mean = sum(w * x[:, col[n]] for n, w in coef.items()) + np.zeros(len(x))
         var = noise ** 2
         if cont is not None:
@@ -159,7 +188,7 @@ def sample_patients(site: SiteTemplate, n: int, rng: np.random.Generator) -> pd.
     df["age_latent"] = age
     df["age"] = np.clip(np.round(age), 18, 90).astype(int)
     df["sex"] = np.where(rng.random(n) < P_MALE, "M", "F")
-    for name, (coef, noise, contribution) in FEATURES.items():
+    for name, (coef, noise, contribution) in site_features(site).items():
         value = sum(w * xs[:, col[c]] for c, w in coef.items()) + noise * rng.standard_normal(n)
         if contribution is not None:
             cname, w = contribution
@@ -172,9 +201,17 @@ def sample_patients(site: SiteTemplate, n: int, rng: np.random.Generator) -> pd.
     return df
 
 
-def log_hazard(df: pd.DataFrame) -> np.ndarray:
+def site_survival(site: SiteTemplate | None) -> dict:
+    """:data:`SURVIVAL` with the site's hazard shift applied (``site.hazard_shift``: (term, weight) pairs)."""
+    out = dict(SURVIVAL)
+    if site is not None:
+        out.update(dict(site.hazard_shift))
+    return out
+
+
+def log_hazard(df: pd.DataFrame, site: SiteTemplate | None = None) -> np.ndarray:
     """Linear predictor of the Weibull proportional-hazards survival model (see :data:`SURVIVAL`)."""
-    s = SURVIVAL
+    s = site_survival(site)
     return (s["age_per_10y"] * (df["age_latent"] - 60.0) / 10.0 + s["idh"] * df["idh"] + s["mgmt"] * df["mgmt"]
             + s["grade2"] * (df["grade"] == 2) + s["grade3"] * (df["grade"] == 3) + s["size"] * df["f_size"]
             + s["necrosis"] * df["f_necrosis"]).to_numpy(dtype=float)
@@ -185,7 +222,7 @@ def sample_survival(df: pd.DataFrame, site: SiteTemplate, rng: np.random.Generat
     k, median = SURVIVAL["shape"], SURVIVAL["median_days"]
     lam = np.log(2.0) / median ** k  # baseline hazard H0(t) = lam t^k, so median(lp = 0) = median_days
     n = len(df)
-    event_t = (-np.log(rng.random(n)) / (lam * np.exp(log_hazard(df)))) ** (1.0 / k)
+    event_t = (-np.log(rng.random(n)) / (lam * np.exp(log_hazard(df, site)))) ** (1.0 / k)
     censor_t = np.minimum(rng.uniform(*site.censor_days, size=n), rng.exponential(site.loss_mean_days, size=n))
     days = np.maximum(1, np.ceil(np.minimum(event_t, censor_t))).astype(int)
     return days, (event_t <= censor_t).astype(int)
@@ -203,7 +240,7 @@ def oracle_posterior(df: pd.DataFrame, site: SiteTemplate) -> pd.DataFrame:
     x, prior = configurations(site)
     keep = prior > 0
     x, prior = x[keep], prior[keep]
-    mean, sd = feature_moments(x)  # (C, F)
+    mean, sd = feature_moments(x, site_features(site))  # (C, F)
     f = df[[f"f_{n}" for n in FEATURES]].to_numpy(dtype=float)  # (N, F)
     ends = _endpoint_columns(x)
     label = ends[site.artifact_endpoint]

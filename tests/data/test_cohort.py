@@ -71,3 +71,29 @@ def test_cohort_notebook_runs_on_an_imported_manifest(smoke_ctx, tmp_path):
     table = pd.read_csv(tmp_path / "run" / "metrics" / "cohort.csv")
     assert set(table["site"]) == {"BraTS", "all"} and int(table.set_index("site").loc["all", "exams"]) == 12
     assert (tmp_path / "run" / "figures" / "cohort_example_slices.png").is_file()
+
+
+def test_scenario_plant_and_site_probe_baseline(smoke_ctx):
+    summary = cohort.scenario_summary(smoke_ctx)
+    assert summary["scenario"] == "site-shift" and summary["smallest_site"] == "CUIMC"
+    assert summary["cue_endpoint"] == "egfr" and "latent_dro_gain" in summary
+    cue = cohort.cue_by_site_table(smoke_ctx)
+    assert set(cue["site"]) <= {"UCSF", "UPenn", "CUIMC"} and cue["cue_rate"].between(0, 1).all()
+    cindex = cohort.oracle_cindex_table(smoke_ctx)
+    assert set(cindex["site"]) == {"UCSF", "UPenn", "CUIMC", "all"}
+    probe = cohort.site_probe_baseline(smoke_ctx, per_site=10).iloc[0]
+    assert probe["subjects"] == 30 and 0.0 <= probe["site_probe_bacc"] <= 1.0 and probe["chance"] == pytest.approx(1 / 3)
+
+
+def test_fixed_test_patients_stay_test(smoke_ctx):
+    source = pd.read_csv(smoke_ctx.cohort_dir / "manifest.csv", dtype=str, keep_default_na=False)
+    fixed = set(source.loc[source["split"] == "test", "subject_id"])
+    run = smoke_ctx.manifest.set_index("subject_id")["split"]
+    assert fixed and (run.loc[sorted(fixed)] == "test").all()
+    assert set(run.drop(sorted(fixed))) <= {"train", "val"}
+
+
+def test_image_plant_check_runs_and_sees_the_cue(smoke_ctx):
+    check = cohort.image_plant_check(smoke_ctx)
+    assert list(check["objective"]) == ["erm", "dro"] and (check["site"] == "CUIMC").all()
+    assert check["cue_detection_auc"].iloc[0] > 0.9  # the stripe is plainly visible in the stored images

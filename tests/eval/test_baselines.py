@@ -139,12 +139,14 @@ def test_predictions_have_the_finetuning_format_and_molecular_rows(tmp_path):
         assert fold not in set(part.loc[part["split"] != "test", "site"])
 
 
-def test_loso_folds_come_from_the_manifest_rules(tmp_path):
+def test_loso_folds_are_the_fine_tuning_folds(tmp_path):
     manifest = fake_context(tmp_path).manifest
     folds = baseline_folds(manifest, "loso")
     assert [f[0] for f in folds] == ["A", "B", "C"]
     for site, train, val, test in folds:
-        assert (manifest.loc[test, "site"] == site).all() and len(test) == (manifest["site"] == site).sum()
+        # the fine-tuning stage's folds: the held-out site's exams that pretraining (the train split) never saw
+        unseen = (manifest["site"] == site) & (manifest["split"] != "train")
+        assert (manifest.loc[test, "site"] == site).all() and sorted(test) == sorted(np.flatnonzero(unseen))
         assert not set(train) & set(val) and (manifest.loc[val, "split"] == "val").all()
     with pytest.raises(ValueError, match="unknown protocol 'kfold'"):
         baseline_folds(manifest, "kfold")

@@ -53,16 +53,20 @@ def _digest(folder: Path) -> dict[str, str]:
 
 def test_files_and_manifest_schema(cohort):
     assert sorted(p.name for p in cohort.iterdir()) == ["cohort.json", "images", "manifest.csv", "oracle.csv",
-                                                        "oracle_auc.csv"]
+                                                        "oracle_auc.csv", "oracle_cindex.csv"]
     man = pd.read_csv(cohort / "manifest.csv", dtype=str, keep_default_na=False)
     assert tuple(man.columns) == MANIFEST_COLUMNS
-    assert man["subject_id"].is_unique and (man["split"] == "").all()
+    assert man["subject_id"].is_unique and set(man["split"]) == {"", "test"}
+    tests = man[man["split"] == "test"]  # the smoke profile fixes 4 test patients per site
+    assert (tests.groupby("site")["patient_id"].nunique() == 4).all()
     assert 36 <= len(man) <= 48 and set(man["site"]) == {"UCSF", "UPenn", "CUIMC"}
     for col in ("t1", "t1c", "t2", "flair", "seg"):
         assert all(not Path(p).is_absolute() and (cohort / p).is_file() for p in man[col])
     for e in BINARY_ENDPOINTS:
         assert set(man[e]) <= {"0", "1", ""}
-    assert (man["os_days"].astype(int) > 0).all() and set(man["os_event"]) <= {"0", "1"}
+    first = man["subject_id"].str.endswith("_01")  # survival on each patient's first exam only
+    assert (man.loc[first, "os_days"].astype(int) > 0).all() and set(man.loc[first, "os_event"]) <= {"0", "1"}
+    assert (man.loc[~first, ["os_days", "os_event"]] == "").all().all()
     assert set(man["grade"]) <= {"2", "3", "4"} and set(man["sex"]) <= {"M", "F"}
     oracle = pd.read_csv(cohort / "oracle.csv")
     assert len(oracle) == len(man) * (len(ENDPOINTS) + 1)  # ten endpoints + the artifact flag
@@ -138,8 +142,13 @@ def test_marker_dependencies(big):
 def test_missing_labels_realistic():
     exams, _ = synth._exam_table(parse_site_spec("UPenn:3000"), seed=0)
     assert exams["observed_mgmt"].mean() == pytest.approx(0.5, abs=0.03)
-    assert exams["observed_codel_1p19q"].mean() == pytest.approx(0.1, abs=0.02)
     assert exams["patient_id"].nunique() == 3000 and len(exams) > 3000  # follow-up exams share patient_id
+    assert exams.loc[exams["exam"] == 2, "os_days"].isna().all() and exams.loc[exams["exam"] == 1, "os_days"].notna().all()
+    # 1p/19q is tested mainly in IDH-mutant tumours: missing not at random
+    exams, _ = synth._exam_table(parse_site_spec("UCSF:4000"), seed=0)
+    tested = exams.groupby("idh")["observed_codel_1p19q"].mean()
+    assert tested[1] == pytest.approx(synth.CODEL_TESTED_IDH_MUTANT, abs=0.04)
+    assert tested[0] == pytest.approx(synth.CODEL_TESTED_IDH_WILDTYPE_MAX, abs=0.03)
 
 
 def test_survival_hazard_ordering_and_coefficients(big):
@@ -163,13 +172,18 @@ def _posterior_by_hand(row: dict, site) -> dict[str, float]:
     p_cls = [1 - site.p_idh_mutant, site.p_idh_mutant * (1 - site.p_codel_given_idh),
              site.p_idh_mutant * site.p_codel_given_idh]
     six = ("mgmt", "egfr", "atrx", "tp53", "cdkn2ab", "tert")
+    joint = {(1, 1): 0.65, (1, 0): 0.05, (0, 1): 0.15, (0, 0): 0.15}  # P(atrx, tp53 | astrocytoma), module docs
     num, den = dict.fromkeys(BINARY_ENDPOINTS, 0.0), 0.0
     for k, g in itertools.product(range(3), range(3)):
         for bits in itertools.product((0, 1), repeat=6):
             prior = p_cls[k] * site.grade_given_class[k][g]
             for m, b in zip(six, bits):
+                if k == 1 and m in ("atrx", "tp53"):
+                    continue
                 q = site.p_mgmt_idh_wildtype if (m == "mgmt" and k == 0) else MARKER_P[m][k][g]
                 prior *= q if b else 1 - q
+            if k == 1:
+                prior *= joint[(bits[2], bits[3])]
             if prior == 0:
                 continue
             labels = dict(zip(six, bits), idh=int(k > 0), codel_1p19q=int(k == 2))
@@ -220,13 +234,55 @@ def test_oracle_auc_strictly_between_half_and_one(big, big_post, cohort):
     assert len(rows) == len(COMMON) and (rows["auc"] > 0.5).all() and (rows["auc"] <= 1.0).all()
 
 
-def test_artifact_correlates_with_label_only_at_ucsf(big):
+def test_templates_artifact_is_label_free(big):
+    """The site templates carry no shortcut; the scenario plants it (tests below)."""
     for name, df in big.items():
-        rate = df.groupby("mgmt")["artifact"].mean()
-        if name == "UCSF":
-            assert rate[1] - rate[0] > 0.3
-        else:
-            assert abs(rate[1] - rate[0]) < 0.03
+        for e in ("mgmt", "egfr"):
+            rate = df.groupby(e)["artifact"].mean()
+            assert abs(rate[1] - rate[0]) < 0.03, (name, e)
+
+
+def test_who2021_cdkn2ab_and_atrx_tp53_coupling(big):
+    df = pd.concat(big.values())
+    allowed = (df["grade"] == 4) & (df["codel_1p19q"] == 0)  # IDH-wt GBM or grade-4 IDH-mutant astrocytoma
+    assert df.loc[~allowed, "cdkn2ab"].sum() == 0 and df.loc[allowed, "cdkn2ab"].mean() > 0.4
+    astro = df[(df["idh"] == 1) & (df["codel_1p19q"] == 0)]
+    assert astro["atrx"].mean() == pytest.approx(0.70, abs=0.03) and astro["tp53"].mean() == pytest.approx(0.80, abs=0.03)
+    assert astro[["atrx", "tp53"]].corr().iloc[0, 1] > 0.4
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_latent_dro_gain_site_shift_vs_no_shift(seed):
+    """The plant at the latent level (no rendering): group DRO beats ERM at the smallest site only under site-shift."""
+    exams, check = synth.latent_experiment("default", seed, "site-shift")
+    assert check["latent_dro_gain"] >= 0.05, check
+    control, check0 = synth.latent_experiment("default", seed, "no-shift")
+    assert abs(check0["latent_dro_gain"]) < 0.02, check0
+    # same sizes, prevalences, splits and cue rate; only the mechanism differs
+    assert exams.groupby(["site", "split"]).size().equals(control.groupby(["site", "split"]).size())
+    for site in ("UCSF", "UPenn", "CUIMC"):
+        a, b = exams[exams["site"] == site], control[control["site"] == site]
+        assert abs(a["artifact"].mean() - b["artifact"].mean()) < 0.08
+        assert abs(a["egfr"].mean() - b["egfr"].mean()) < 0.08
+    # the cue agrees with EGFR at the large sites and is reversed at the smallest
+    rate = exams.groupby(["site", "egfr"])["artifact"].mean()
+    assert rate["UCSF", 1] - rate["UCSF", 0] > 0.5 and rate["UPenn", 1] - rate["UPenn", 0] > 0.5
+    assert rate["CUIMC", 0] - rate["CUIMC", 1] > 0.5
+    rate0 = control.groupby(["site", "egfr"])["artifact"].mean()
+    assert all(abs(rate0[s, 1] - rate0[s, 0]) < 0.2 for s in ("UCSF", "UPenn", "CUIMC"))  # sampling noise only
+
+
+def test_default_profile_fixed_test_sets_can_decide():
+    exams, _ = synth.latent_experiment("default", 0, "site-shift")
+    floors = synth.held_out_floor_table(exams, ["UCSF", "UPenn", "CUIMC"])
+    per_site = floors.groupby("site")[["test_exams", "test_events"]].first()
+    assert (per_site["test_exams"] >= 150).all() and (per_site["test_events"] >= 40).all()
+    common = floors[floors["exists"] & floors["endpoint"].isin(["mgmt", "egfr", "tp53", "cdkn2ab", "tert"])]
+    assert (common["n_pos"] >= 15).all(), common
+    train_pool = exams[exams["split"] != "test"].groupby("site")["patient_id"].nunique()
+    assert train_pool["CUIMC"] <= 70 and train_pool["UCSF"] > 2 * train_pool["CUIMC"]  # imbalanced as in the paper
+    cidx = synth.oracle_cindex_table(exams, ["UCSF", "UPenn", "CUIMC"])
+    assert (cidx["c_index"] > 0.55).all()
 
 
 def test_stripe_artifact_is_a_periodic_modulation():
@@ -333,10 +389,66 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
 def test_profiles_and_generic_site():
     assert set(PROFILES) == {"smoke", "default", "large"}
     sizes = {k: sum(n for _, n in parse_site_spec(p.sites)) for k, p in PROFILES.items()}
-    assert 36 <= sizes["smoke"] <= 48 and 250 <= sizes["default"] <= 350 and 800 <= sizes["large"] <= 1000
+    assert 36 <= sizes["smoke"] <= 48 and 800 <= sizes["default"] <= 900 and 1400 <= sizes["large"] <= 1700
     (a, _), (b, _) = parse_site_spec("MGH:5, Mayo:4")
     assert a.generic and b.generic and (a.orientation, a.spacing, a.scale) != (b.orientation, b.spacing, b.scale)
     assert parse_site_spec("ucsf:3")[0][0].name == "UCSF"
     for template in list(KNOWN_SITES.values()) + [a, b]:
         check_template(template)
     assert issubclass(ConfigError, NrfmError)
+
+
+def test_runs_keep_the_fixed_test_set_and_split_the_rest_by_patient():
+    from nrfm.data.manifest import assign_splits, check_no_patient_leak
+
+    exams, _ = synth.latent_experiment("default", 0, "site-shift")
+    man = synth._manifest(exams)
+    man["split"] = man["split"].fillna("")
+    fixed = man["split"] == "test"
+    for seed in (0, 1):
+        out = assign_splits(man, seed=seed, fractions=(0.6, 0.2, 0.2), min_val_patients=30)
+        check_no_patient_leak(out)
+        assert (out.loc[fixed, "split"] == "test").all() and set(out.loc[~fixed, "split"]) == {"train", "val"}
+        val = out[out["split"] == "val"].groupby("site")["patient_id"].nunique()
+        train = out[out["split"] == "train"].groupby("site")["patient_id"].nunique()
+        assert val["CUIMC"] == 30 and 30 <= train["CUIMC"] <= 40  # a small, imbalanced training site
+        assert val["UCSF"] == pytest.approx(0.25 * (val["UCSF"] + train["UCSF"]), abs=1)
+
+
+def test_cli_scenario_recorded_in_cohort_json(tmp_path, capsys):
+    import json
+
+    from nrfm.cli import main
+
+    for scenario in ("no-shift", "site-shift"):
+        out = tmp_path / scenario
+        assert main(["synth", "--out", str(out), "--profile", "smoke", "--sites", "UCSF:4,CUIMC:3",
+                     "--scenario", scenario, "--quiet"]) == 0
+        info = json.loads((out / "cohort.json").read_text())
+        assert info["scenario"] == scenario and info["scenario_plan"]["smallest_site"] == "CUIMC"
+        assert "latent_dro_gain" in info
+    with pytest.raises(SystemExit):
+        main(["synth", "--out", str(tmp_path / "x"), "--scenario", "both"])
+    with pytest.raises(ConfigError, match="unknown scenario"):
+        generate_cohort(tmp_path / "y", profile="smoke", scenario="both", progress=False)
+
+
+def test_site_shift_changes_phenotype_and_hazard_at_the_smallest_site_only():
+    from lifelines import CoxPHFitter
+
+    shifted, plan = synth.scenario_sites("UCSF:10,UPenn:10,CUIMC:5", "site-shift")
+    control, _ = synth.scenario_sites("UCSF:10,UPenn:10,CUIMC:5", "no-shift")
+    assert plan["smallest_site"] == "CUIMC"
+    for (site, _), (plain, _) in zip(shifted, control):
+        df = sample_patients(site, 20000, np.random.default_rng(3))
+        base = sample_patients(plain, 20000, np.random.default_rng(3))
+        edema_gap = df.groupby("egfr")["f_edema"].mean().diff().iloc[-1]  # includes grade / class confounding
+        base_gap = base.groupby("egfr")["f_edema"].mean().diff().iloc[-1]
+        if site.name == "CUIMC":
+            assert base_gap - edema_gap == pytest.approx(0.7, abs=0.05)  # EGFR without its oedema term there
+            X = pd.DataFrame({"age10": df["age_latent"] / 10, "idh": df["idh"], "mgmt": df["mgmt"],
+                              "grade2": (df["grade"] == 2) * 1, "grade3": (df["grade"] == 3) * 1,
+                              "size": df["f_size"], "necrosis": df["f_necrosis"], "T": df["os_days"], "E": df["os_event"]})
+            assert CoxPHFitter().fit(X, "T", "E").params_["size"] == pytest.approx(0.6, abs=0.1)
+        else:
+            assert edema_gap == pytest.approx(base_gap, abs=1e-9)  # same draws, same phenotype
