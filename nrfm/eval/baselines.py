@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from nrfm.config import BINARY_ENDPOINTS, CONTINUOUS_ENDPOINTS, PROTOCOLS, SSL_METHODS
-from nrfm.data.manifest import loso_folds
+from nrfm.data.splits import loso_folds
 from nrfm.eval.handcrafted import feature_table_of_run
 from nrfm.eval.metrics import binarize, molecular_table, youden_threshold
 from nrfm.eval.site_invariance import load_embeddings
@@ -184,7 +184,7 @@ def fit_predict_baseline(features_train: np.ndarray, y_train: np.ndarray, featur
 def baseline_folds(manifest: pd.DataFrame, protocol: str) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     """(fold name, train rows, val rows, test rows) of ``protocol``, as positions in ``manifest``.
 
-    ``pooled``: the manifest's train/val/test splits. ``loso``: :func:`nrfm.data.manifest.loso_folds` (each site held
+    ``pooled``: the manifest's train/val/test splits. ``loso``: :func:`nrfm.data.splits.loso_folds` (each site held
     out in turn; raises LeakageError for a patient at two sites). Pass the fine-tuning stage's own folds to
     :func:`baseline_predictions` instead when they differ, so baselines and models see the same subjects.
     """
