@@ -203,4 +203,3 @@ def validate_manifest(path: Path, check_images: bool = True, progress: bool = Tr
                 (errors if level == "error" else warnings).append(f"{path}:{lines[i]}:{col}: {message}")
     summary = site_summary(df) if len(df) else pd.DataFrame()
     return ValidationResult(errors, warnings, summary, path)
-

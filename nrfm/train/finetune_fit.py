@@ -98,7 +98,6 @@ class FinetuneModel(nn.Module):
         return self.to_output(self.head_outputs(self.backbone.embed(x)))
 
 
-
 # ---------------------------------------------------------------------------------------------- training
 @dataclass
 class FitResult:
