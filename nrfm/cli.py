@@ -42,7 +42,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     # imported per command, so that `nrfm --help` and argument errors answer without loading torch
-    from nrfm.data.manifest import validate_manifest
+    from nrfm.data.validation import validate_manifest
 
     result = validate_manifest(Path(args.manifest), check_images=not args.no_images, progress=not args.quiet)
     print(result.format())
@@ -71,7 +71,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     # imported per command, so that `nrfm --help` and argument errors answer without loading torch
-    from nrfm.config import parse_override
+    from nrfm.config_loading import parse_override
     from nrfm.pipeline.runner import resume_run, start_run, sweep_run
 
     only = [s for part in (args.only or []) for s in part.split(",") if s]
@@ -98,7 +98,7 @@ def _open_stage(args: argparse.Namespace):
 
     # imported per command, so that `nrfm --help` and argument errors answer without loading torch
     from nrfm.train import distributed
-    from nrfm.config import load_config
+    from nrfm.config_loading import load_config
     from nrfm.pipeline.context import open_run
     from nrfm.pipeline.workspace import resolve_config_file
 

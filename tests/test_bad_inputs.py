@@ -293,7 +293,7 @@ def test_checkpoint_with_code_is_refused(tmp_path):
 
 
 def test_checkpoint_of_another_method(tmp_path):
-    from nrfm.config import load_config
+    from nrfm.config_loading import load_config
     from nrfm.files import atomic_torch_save
     from nrfm.train.pretrain import CHECKPOINT_FORMAT, load_backbone
 
@@ -372,7 +372,8 @@ def test_decimal_commas_are_read_only_in_semicolon_files(cohort):
 
 # --------------------------------------------------------------- small sites handled by design (issue 17)
 def test_site_with_one_exam_is_a_warning_naming_it_and_evaluation_only(capsys, tmp_path):
-    from nrfm.data.manifest import assign_splits, read_manifest, small_groups
+    from nrfm.data.manifest import read_manifest
+    from nrfm.data.splits import assign_splits, small_groups
 
     path, rows = tiny_cohort(tmp_path, n=9)
     for row in rows:

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nrfm.config import Config, load_config, parse_override
+from nrfm.config import Config
+from nrfm.config_loading import load_config, parse_override
 from nrfm.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent

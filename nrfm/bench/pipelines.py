@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from nrfm.config import load_config
+from nrfm.config_loading import load_config
 from nrfm.pipeline.context import open_run
 from nrfm.pipeline.runner import start_run
 from nrfm.pipeline.workspace import resolve_config_file, workspace_root

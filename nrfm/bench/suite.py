@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from nrfm.bench.pipelines import pipeline, scaling, soak
-from nrfm.config import Config, load_config
+from nrfm.config import Config
+from nrfm.config_loading import load_config
 from nrfm.files import atomic_write_json
 from nrfm.models.backbones import build_backbone
 from nrfm.pipeline.context import open_run

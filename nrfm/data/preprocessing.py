@@ -87,7 +87,7 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 def check_subject_files(row: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """All file problems of one manifest row, as ``(level, column, message)``; level is error or warning.
 
-    Used by :func:`nrfm.data.manifest.validate_manifest`. Empty image paths are reported by the value checks.
+    Used by :func:`nrfm.data.validation.validate_manifest`. Empty image paths are reported by the value checks.
     """
     problems: list[tuple[str, str, str]] = []
     ref: tuple[str, tuple, np.ndarray] | None = None

@@ -34,14 +34,17 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
 import pandas as pd
 
 from nrfm.config import BINARY_ENDPOINTS, CONTINUOUS_ENDPOINTS, PROTOCOLS, SSL_METHODS
-from nrfm.data.manifest import fold_rows
+from nrfm.data.splits import fold_rows
 from nrfm.eval.handcrafted import feature_table_of_run
 from nrfm.eval.metrics import binarize, molecular_table, youden_threshold
 from nrfm.eval.site_invariance import load_embeddings
 from nrfm.files import atomic_write_csv, atomic_write_json
+from nrfm.models.backbones import build_backbone
+from nrfm.train import finetune
 from nrfm.train.finetune_data import cuts_of
 from nrfm.train.pretrain import pretraining_subjects
 
@@ -185,7 +188,7 @@ def fit_predict_baseline(features_train: np.ndarray, y_train: np.ndarray, featur
 def baseline_folds(manifest: pd.DataFrame, protocol: str) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     """(fold name, train rows, val rows, test rows) of ``protocol``, as positions in ``manifest``.
 
-    The fine-tuning stage's folds (:func:`nrfm.data.manifest.fold_rows`), so baselines and fine-tuned models
+    The fine-tuning stage's folds (:func:`nrfm.data.splits.fold_rows`), so baselines and fine-tuned models
     are scored on the same subjects: ``pooled`` = the manifest's splits; ``loso`` = each site held out in turn,
     scoring only the held-out exams that self-supervised pretraining never saw (``analyses.loso_pretrain``).
     """
@@ -415,7 +418,28 @@ def ceiling_fraction_of_predictions(predictions: pd.DataFrame, bounds: Mapping[s
     return ceiling_fraction(auc_by_marker(predictions, site), bounds)
 
 
-def run_baselines(ctx, methods: Sequence[str], protocols: Sequence[str], progress: bool = True) -> list[BaselineResult]:
-    """Every baseline of a run: the handcrafted model, and a linear probe on each backbone's frozen embedding."""
-    return [run_baseline_stage(ctx, baseline, protocol, progress=progress)
-            for protocol in protocols for baseline in (HANDCRAFTED, *methods)]
+def run_scratch_baseline(ctx, method: str, protocol: str, progress: bool = True):
+    """The from-scratch baseline: ``method``'s architecture randomly initialised (seeded by the run's seed) and
+    fine-tuned exactly like the pretrained backbone (ERM, same mode, grid, budget and selection); results under
+    objective ``scratch``. In partial mode the frozen stages keep their random weights, so the comparison with
+    the fine-tuned pretrained backbone measures what pretraining puts into them."""
+    torch.manual_seed(ctx.config.seed)
+    size = tuple(ctx.dataset(progress=progress)[0]["image"].shape[1:])
+    backbone = build_backbone(method, ctx.config.pretraining, size)
+    return finetune.run_finetune_stage(ctx, method, "erm", protocol, progress=progress, backbone=backbone,
+                                       label="scratch")
+
+
+def run_baselines(ctx, methods: Sequence[str], protocols: Sequence[str], progress: bool = True) -> list:
+    """The configured baselines of a run (``finetuning.baselines``) for every backbone and protocol."""
+    chosen = ctx.config.finetuning.baselines
+    results = []
+    for protocol in protocols:
+        if "handcrafted" in chosen:
+            results.append(run_baseline_stage(ctx, HANDCRAFTED, protocol, progress=progress))
+        for method in methods:
+            if "probe" in chosen:
+                results.append(run_baseline_stage(ctx, method, protocol, progress=progress))
+            if "scratch" in chosen:
+                results.append(run_scratch_baseline(ctx, method, protocol, progress=progress))
+    return results

@@ -69,6 +69,81 @@ def ceiling_row(predictions: pd.DataFrame, oracle: pd.DataFrame, n_boot: int = 1
     return row
 
 
+def paired_difference(predictions_a: pd.DataFrame, predictions_b: pd.DataFrame, oracle: pd.DataFrame,
+                      n_boot: int = 1000, seed: int = 0) -> dict:
+    """Ceiling fraction of model B minus model A on the same test subjects and markers, paired per resample.
+
+    Both models are scored on the markers they share (kept as in :func:`ceiling_row`) and on the same resamples
+    of test patients, so subject-level variation cancels. Returns a, b, delta, ci_low, ci_high and p_value
+    (one-sided, "B > A": :func:`nrfm.eval.bootstrap.p_greater_than_zero`).
+    """
+    frame_a, markers_a = _wide(predictions_a, oracle)
+    frame_b, markers_b = _wide(predictions_b, oracle)
+    shared = frame_a.index.intersection(frame_b.index)
+    frame_a, frame_b = frame_a.loc[shared], frame_b.loc[shared]
+    kept = []
+    for m in (m for m in markers_a if m in markers_b):
+        y = frame_a[("y", m)].to_numpy(float)
+        bound = bootstrap.auc(y, frame_a[("bound", m)].to_numpy(float), np.ones((1, len(y))))[0]
+        if (y == 1).any() and (y == 0).any() and bound > 0.5:
+            kept.append(m)
+    out = {"a": np.nan, "b": np.nan, "delta": np.nan, "ci_low": np.nan, "ci_high": np.nan, "p_value": np.nan,
+           "n_test": len(shared), "markers": ",".join(kept)}
+    if not kept:
+        return out
+    ys = [frame_a[("y", m)].to_numpy(float) for m in kept]
+
+    def fraction(frame: pd.DataFrame, counts: np.ndarray) -> np.ndarray:
+        aucs = np.stack([bootstrap.auc(y, frame[("score", m)].to_numpy(float), counts) for y, m in zip(ys, kept)])
+        bounds = np.stack([bootstrap.auc(y, frame[("bound", m)].to_numpy(float), counts) for y, m in zip(ys, kept)])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.mean((aucs - 0.5) / (bounds - 0.5), axis=0)
+
+    full = np.ones((1, len(shared)), dtype=np.int64)
+    counts = bootstrap.draw(len(shared), n_boot, seed, clusters=frame_a[("patient", "")].to_numpy(), both_classes=ys)
+    deltas = fraction(frame_b, counts) - fraction(frame_a, counts)
+    low, high = bootstrap.percentile_ci(deltas)
+    a, b = float(fraction(frame_a, full)[0]), float(fraction(frame_b, full)[0])
+    out.update(a=a, b=b, delta=b - a, ci_low=low, ci_high=high, p_value=bootstrap.p_greater_than_zero(deltas))
+    return out
+
+
+def baseline_comparisons(ctx, methods: list[str], objectives: list[str]) -> pd.DataFrame:
+    """Each fine-tuned model against each baseline of its backbone (``scratch``, ``probe``) and the handcrafted
+    model: the paired ceiling-fraction difference (fine-tuned minus baseline) with its CI, written to
+    ``metrics/baseline_comparisons.csv``. ``beats`` is true when the CI lies above 0."""
+    oracle = ctx.oracle
+    rows = []
+    if oracle is None:
+        return pd.DataFrame(rows)
+
+    def read(backbone: str, objective: str) -> pd.DataFrame | None:
+        path = ctx.layout.predictions(backbone, objective, "pooled")
+        return pd.read_csv(path, dtype={"subject_id": str, "patient_id": str, "site": str}) if path.is_file() else None
+
+    n_boot, seed = ctx.config.analyses.bootstrap, ctx.config.seed
+    for method in methods:
+        for objective in objectives:
+            model = read(method, objective)
+            if model is None:
+                continue
+            for base_backbone, base_objective in ((method, "scratch"), (method, "probe"), ("handcrafted", "erm")):
+                base = read(base_backbone, base_objective)
+                if base is None:
+                    continue
+                result = paired_difference(base, model, oracle, n_boot, seed)
+                rows.append({"backbone": method, "objective": objective,
+                             "baseline": "handcrafted" if base_backbone == "handcrafted" else base_objective,
+                             "model_ceiling_fraction": result["b"], "baseline_ceiling_fraction": result["a"],
+                             "delta": result["delta"], "ci_low": result["ci_low"], "ci_high": result["ci_high"],
+                             "p_value": result["p_value"], "beats": bool(result["ci_low"] > 0),
+                             "n_test": result["n_test"], "markers": result["markers"]})
+    table = pd.DataFrame(rows)
+    if len(table):
+        ctx.write_metrics("baseline_comparisons", table, key_columns=["backbone", "objective", "baseline"])
+    return table
+
+
 def ceiling_table(ctx, models: list[tuple[str, str]], n_boot: int | None = None) -> pd.DataFrame:
     """``metrics/ceiling.csv`` rows for (backbone, objective) pairs whose pooled predictions exist in the run."""
     oracle = ctx.oracle

@@ -16,9 +16,11 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from nrfm.config import Config, load_config
-from nrfm.data.manifest import assign_splits, check_no_patient_leak, read_manifest
+from nrfm.config import Config
+from nrfm.config_loading import load_config
+from nrfm.data.manifest import read_manifest
 from nrfm.data.preprocessing import preprocessed_dataset
+from nrfm.data.splits import assign_splits, check_no_patient_leak
 from nrfm.errors import ConfigError, RunError
 from nrfm.files import atomic_write_csv, atomic_write_text
 from nrfm.pipeline.layout import RunLayout

@@ -235,8 +235,9 @@ def _models_html(run_dir: Path) -> str:
     table = pd.read_csv(path)
     if table.empty:
         return ""
-    kind = np.where(table["objective"] == "probe", "linear probe (frozen embedding)",
-                    np.where(table["backbone"] == "handcrafted", "handcrafted features", "fine-tuned"))
+    kind = np.select([table["objective"] == "probe", table["objective"] == "scratch", table["backbone"] == "handcrafted"],
+                     ["linear probe (frozen embedding)", "from scratch (random init, fine-tuned)", "handcrafted features"],
+                     "fine-tuned")
     shown = pd.DataFrame({"backbone": table["backbone"], "model": kind, "objective": table["objective"],
                           "ceiling fraction [95% CI]": [f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]" for v, lo, hi in
                                                        zip(table["ceiling_fraction"], table["ci_low"], table["ci_high"])],
@@ -247,7 +248,25 @@ def _models_html(run_dir: Path) -> str:
             "<p>Mean over the binary markers of (AUC − 0.5) / (bound − 0.5) on the pooled test set, where the bound "
             "is the synthetic cohort's oracle on the same subjects (0 = chance, 1 = the bound); CIs resample test "
             "patients. Baselines: a linear probe on each frozen pretrained embedding and a handcrafted-feature "
-            f"model.</p><div class='table-box'>{_frame_html(shown)}</div></section>")
+            f"model.</p><div class='table-box'>{_frame_html(shown)}</div>{_comparisons_html(run_dir)}</section>")
+
+
+def _comparisons_html(run_dir: Path) -> str:
+    path = RunLayout(run_dir).metrics("baseline_comparisons")
+    if not path.is_file():
+        return ""
+    table = pd.read_csv(path)
+    if table.empty:
+        return ""
+    text = pd.DataFrame({
+        "backbone": table["backbone"], "fine-tuned with": table["objective"], "against": table["baseline"],
+        "difference in ceiling fraction [95% CI]": [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+                                                    for d, lo, hi in zip(table["delta"], table["ci_low"], table["ci_high"])],
+        "beats it?": np.where(table["beats"].astype(str).str.lower() == "true", "yes",
+                              np.where(table["ci_high"] < 0, "no: worse", "no: not shown"))})
+    return ("<h3>Does each fine-tuned model beat its baselines?</h3><p>Paired differences on the same resampled "
+            "test patients (fine-tuned minus baseline); yes = the CI lies above 0.</p>"
+            f"<div class='table-box'>{_frame_html(text)}</div>")
 
 
 def render_run_report(run_dir: Path) -> Path:

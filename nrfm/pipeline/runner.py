@@ -19,8 +19,9 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import yaml
 
-from nrfm.config import Config, load_config
-from nrfm.data.manifest import validate_manifest
+from nrfm.config import Config
+from nrfm.config_loading import load_config
+from nrfm.data.validation import validate_manifest
 from nrfm.errors import ConfigError, ManifestError, RunError
 from nrfm.files import atomic_write_text
 from nrfm.pipeline.context import new_run_dir, resolve_config_paths

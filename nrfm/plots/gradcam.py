@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from nrfm.eval.gradcam import (CORE_LABELS, decision_threshold, endpoint_index, explained_sign, grad_cam_volumes,
-                          load_finetuned_model, resolve_target_layer)
+from nrfm.eval.gradcam import CORE_LABELS, decision_threshold, endpoint_index, explained_sign, load_finetuned_model
+from nrfm.eval.gradcam_maps import grad_cam_volumes, resolve_target_layer
 
 VIEWS = (("axial", 2), ("coronal", 1), ("sagittal", 0))  # (name, fixed array axis)
 T1C = 1  # channel order [t1, t1c, t2, flair]

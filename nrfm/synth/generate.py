@@ -6,7 +6,7 @@ group DRO (two scenarios, :mod:`nrfm.synth.scenarios`).
 
 - ``manifest.csv``: the canonical manifest (data-formats.md), image paths relative. ``split`` is ``test`` for
   the profile's fixed held-out patients (all their exams) and empty for the rest, which a run splits into
-  train and val (:func:`nrfm.data.manifest.assign_splits`), so every run and seed scores the same test exams.
+  train and val (:func:`nrfm.data.splits.assign_splits`), so every run and seed scores the same test exams.
 - ``images/<subject_id>/{t1,t1c,t2,flair,seg}.nii.gz``: int16 with scl_slope (seg uint8, labels 0/1/2/4),
   each site with its own orientation and voxel spacing in the header; gzip with mtime 0 (byte-stable).
 - ``oracle.csv`` (subject_id, endpoint, value): for every exam, the exact posterior P(label = 1 | what the

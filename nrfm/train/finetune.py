@@ -1,59 +1,23 @@
-"""Multi-task fine-tuning of a pretrained backbone on the ten endpoints with ERM, reweighted ERM or group DRO.
+"""The fine-tuning stage: one pretrained backbone, objective and protocol -> predictions, models, metrics.
 
-One linear head per endpoint (packed in one ``nn.Linear`` after a LayerNorm) on the backbone's embedding.
-Binary endpoints use BCE-with-logits; Ki-67 and TP53-IHC are regressed on ``log1p(percent)`` standardised
-with the training mean and SD (so the squared error of a constant prediction is about 1, the scale of a
-chance-level BCE of 0.69, and group DRO sees comparable losses). Unknown labels are masked from the loss.
-
-**Groups and the multi-task objective.** Each known label of a training subject is one loss element, and
-each element belongs to one group of its endpoint: ``(site, class)`` (``dro_groups = site_class``; ``site``
-drops the class, ``class`` drops the site); continuous endpoints take their class from the binarized label
-(``>= ki67_threshold`` / ``tp53_ihc_threshold``). :class:`~nrfm.train.dro.GroupDRO` keeps one q per endpoint over that
-endpoint's groups and averages the endpoints' robust losses with equal weights (its docstring says why), so q
-can move weight to, e.g., CDKN2A/B-positive subjects of the rare site. ERM is the plain mean over all known
-elements; reweighted ERM weights each element by 1 / n_g within its endpoint and averages endpoints equally.
-
-**Batches** (:mod:`nrfm.train.samplers`). ERM: every training row exactly once per epoch, shuffled. Reweighted ERM and
-group DRO: as many group-balanced draws with replacement (Sagawa et al.'s ``--reweight_groups``, multi-task form
-in :mod:`nrfm.train.samplers`), with the sampler's importance weights in the group means.
-
-**Modes** (``FinetuningConfig.mode``):
-
-* ``partial`` (default): the backbone's early stages are frozen and their output is computed once per
-  backbone; the last stage (ResNet ``layer4``; the last ViT block and final norm) and the heads are trained.
-  DRO can therefore change the embedding (needed by the site-invariance analysis) while every run costs a
-  fraction of full fine-tuning: the whole stage (4 backbones x three objectives x grid x pooled + LOSO) fits in
-  minutes on 2 CPU cores. No augmentation (inputs are fixed features; the same for every objective).
-* ``linear``: frozen backbone, heads only (embeddings identical to the pretrained ones).
-* ``full``: every backbone weight is trained on the volumes (slow on a CPU; no augmentation).
-
-The backbone is trained at ``lr * backbone_lr_scale``, the heads at ``lr`` (AdamW).
-
-**Model selection** (the same rule for every objective: the fair comparison). Each objective is fitted once
-per point of its regularisation grid (``FinetuningConfig.settings``: weight decay; for group DRO also eta and C),
-each from the same pretrained weights and seed. After every epoch the validation subjects are scored, and the
-epoch and grid point with the lowest *worst-group validation loss* are kept
-(:func:`~nrfm.train.finetune_data.worst_group_loss`: per endpoint the highest mean loss among its groups with at least
-``select_min_group_labels`` validation labels, averaged over endpoints; the mean validation loss only if no group
-qualifies). Every point's score goes to ``metrics/finetune_selection.csv``. Decision thresholds are then chosen
-on validation by Youden's J.
+Multi-task fine-tuning of a pretrained backbone on the ten endpoints with ERM, reweighted ERM or group DRO:
+the model, the loss, the batches, the modes and the model selection are described and implemented in
+:mod:`nrfm.train.finetune_fit`; the artifacts' fingerprints in :mod:`nrfm.train.fingerprints`. This module
+runs the folds of a protocol, writes the artifacts and metrics, and loads or rebuilds the pooled models.
 
 **Protocols.** ``pooled``: train on the train split of all sites, select on val, test on the test split
 (reported per site). ``loso``: for each site, train on the other sites' train split, select on their val
 split, and test on the held-out site's exams that neither fine-tuning nor pretraining saw: pretraining used
 every site's train split, so with ``analyses.loso_pretrain = unseen_only`` (the default) only the held-out
 site's val and test exams are scored, and an exam of a patient also scanned at a training site is left out
-(:func:`nrfm.data.manifest.fold_rows`, the one fold builder).
+(:func:`nrfm.data.splits.fold_rows`, the one fold builder).
 
 **Staleness.** The pooled checkpoint and embeddings carry a fingerprint of the settings, labels, splits, seed
-and pretrained weights they came from (:func:`finetune_fingerprint_inputs`); :func:`ensure_finetuned` reuses
-them only when it matches and otherwise retrains, naming what changed.
+and pretrained weights they came from (:func:`nrfm.train.fingerprints.finetune_fingerprint_inputs`);
+:func:`ensure_finetuned` reuses them only when it matches and otherwise retrains, naming what changed.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -65,291 +29,20 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
-from tqdm.auto import tqdm
 
-from nrfm.config import CONTINUOUS_ENDPOINTS, FinetuningConfig, OBJECTIVES, PROTOCOLS
-from nrfm.data.manifest import Fold, fold_rows
+from nrfm.config import OBJECTIVES, PROTOCOLS
+from nrfm.data.splits import Fold, fold_rows
 from nrfm.errors import CheckpointError, ConfigError, TrainingError
 from nrfm.eval.metrics import molecular_table
 from nrfm.files import atomic_torch_save, atomic_write_bytes, atomic_write_csv, atomic_write_json, safe_torch_load
 from nrfm.models.backbones import build_backbone
-from nrfm.train.dro import GroupDRO, build_objective
+from nrfm.train.finetune_data import apply_in_batches, cuts_of, frozen_inputs, split_backbone, youden_thresholds
+from nrfm.train.finetune_fit import FinetuneModel, search_fit
+from nrfm.train.fingerprints import _sha256, _stale_reason, changed_settings, finetune_fingerprint_inputs
 from nrfm.train.pretrain import pretrained_backbone, pretraining_subjects
-from nrfm.train.samplers import balanced_batches, balanced_row_probabilities, epoch_batches, importance_weights
-from nrfm.train.finetune_data import (GroupSpec, apply_in_batches, autocast, build_groups, cuts_of, frozen_inputs,
-                                to_device, regression_stats, split_backbone, standardise_targets,
-                                worst_group_loss, youden_thresholds, worst_site_mean_auc)
 
 CHECKPOINT_FORMAT = 1
 logger = logging.getLogger(__name__)
-
-
-class FinetuneModel(nn.Module):
-    """Backbone plus one output per endpoint.
-
-    ``forward(x (B, 4, D, H, W)) -> (B, len(endpoints))``: logits for binary endpoints, predicted values in
-    percent for continuous ones, in ``endpoints`` order. ``backbone`` is the (fine-tuned) Backbone.
-
-    Args:
-        backbone: a Backbone (``embed``, ``embed_dim``).
-        endpoints: endpoint names, in output order.
-        target_mean, target_std: (E,) standardisation of ``log1p(percent)`` for continuous endpoints
-            (ignored, 0 / 1, for binary ones).
-    """
-
-    def __init__(self, backbone: nn.Module, endpoints: tuple[str, ...], target_mean: Tensor | None = None,
-                 target_std: Tensor | None = None):
-        super().__init__()
-        self.backbone = backbone
-        self.endpoints = tuple(endpoints)
-        n = len(self.endpoints)
-        self.heads = nn.Sequential(nn.LayerNorm(backbone.embed_dim), nn.Linear(backbone.embed_dim, n))
-        self.register_buffer("is_continuous", torch.tensor([e in CONTINUOUS_ENDPOINTS for e in self.endpoints]))
-        self.register_buffer("target_mean", torch.zeros(n) if target_mean is None else target_mean.float())
-        self.register_buffer("target_std", torch.ones(n) if target_std is None else target_std.float())
-
-    def head_outputs(self, embedding: Tensor) -> Tensor:
-        """(B, embed_dim) -> (B, E) raw outputs: logits, and standardised log1p values for continuous endpoints."""
-        return self.heads(embedding)
-
-    def to_output(self, raw: Tensor) -> Tensor:
-        """Raw head outputs -> logits (binary) and percent in [0, 100] (continuous)."""
-        percent = torch.expm1(raw.float() * self.target_std + self.target_mean).clamp(0.0, 100.0)
-        return torch.where(self.is_continuous, percent, raw.float())
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.to_output(self.head_outputs(self.backbone.embed(x)))
-
-
-# ---------------------------------------------------------------------------------------------- training
-@dataclass
-class FitResult:
-    model: FinetuneModel
-    objective: nn.Module
-    history: list[dict[str, Any]]
-    best_epoch: int
-    groups: GroupSpec
-    setting: dict[str, float] = field(default_factory=dict)
-    val_worst_group_loss: float = float("nan")
-    search: list[dict[str, Any]] = field(default_factory=list)
-    selection_key: tuple[int, float] = (2, float("inf"))  # lower is better; compared across grid points
-    val_worst_site_auc: float = float("nan")  # of the kept model, for the record
-    val_site_auc: dict[str, float] = field(default_factory=dict)
-
-
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
-    """Shuffled index batches using every row exactly once; a last batch of one joins the previous one."""
-    return epoch_batches(n, batch_size, generator)
-
-
-def elementwise_loss(raw: Tensor, targets: Tensor, is_continuous: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-label losses of known labels.
-
-    Args:
-        raw: (B, E) head outputs; targets: (B, E) with NaN for unknown labels (binary 0/1, continuous
-            standardised); is_continuous: (E,) bool.
-
-    Returns:
-        (M,) losses of the M known labels (BCE-with-logits or squared error) and the (B, E) bool mask of them.
-    """
-    known = torch.isfinite(targets)
-    filled = torch.where(known, targets, torch.zeros_like(targets))
-    bce = F.binary_cross_entropy_with_logits(raw, filled.clamp(0, 1), reduction="none")
-    squared = (raw - filled) ** 2
-    losses = torch.where(is_continuous.unsqueeze(0), squared, bce)
-    return losses[known], known
-
-
-def _selection_key(worst_group: float, val_loss: float) -> tuple[int, float]:
-    """Lower is better: the worst-group validation loss; the mean validation loss only when no group qualifies."""
-    return (0, worst_group) if np.isfinite(worst_group) else (1, val_loss)
-
-
-class _Training:
-    """One fine-tuning run that can be advanced epoch by epoch (the search stops some runs early).
-
-    ``advance(epoch)`` trains up to that epoch, scoring validation after each; ``result()`` loads the kept epoch.
-    See :func:`fit` for what one epoch does.
-    """
-
-    def __init__(self, backbone: nn.Module, inputs: Tensor, manifest: pd.DataFrame, train_rows: np.ndarray,
-                 val_rows: np.ndarray, cfg: FinetuningConfig, objective: str, device: torch.device, seed: int,
-                 progress: bool, desc: str):
-        if objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {objective!r}; valid: {list(OBJECTIVES)}")
-        self.cfg, self.device, self.desc, self.progress = cfg, device, desc, progress
-        self.inputs, self.manifest, self.train_rows, self.val_rows = inputs, manifest, train_rows, val_rows
-        self.endpoints = tuple(cfg.endpoints)
-        self.cuts = cuts_of(cfg)
-        torch.manual_seed(seed)
-        mean, std = regression_stats(manifest.iloc[train_rows], self.endpoints)
-        self.model = model = FinetuneModel(backbone, self.endpoints, mean, std).to(device)
-        self.split = split_backbone(model.backbone, cfg.mode)
-        if cfg.channels_last:
-            model.backbone.to(memory_format=torch.channels_last_3d)
-        self.targets = standardise_targets(manifest, self.endpoints, mean, std)  # (N, E) NaN = unknown
-        self.groups = groups = build_groups(manifest, self.endpoints, train_rows, cfg.dro_groups, self.cuts)
-        self.objective = build_objective(objective, len(groups.names), groups.counts, cfg.dro_eta,
-                                         cfg.dro_adjustment, groups.names, groups.task).to(device)
-        self.train_index = groups.index[train_rows]  # (n_train, E) group of each training label, -1 unknown
-        if objective == "erm":
-            self.probabilities, self.label_weight = None, None
-        else:
-            self.probabilities = balanced_row_probabilities(self.train_index, groups.task, groups.counts)
-            self.label_weight, _ = importance_weights(self.train_index, groups.counts, self.probabilities)
-        trainable = [p for m in self.split.tail_modules for p in m.parameters()]
-        for p in model.backbone.parameters():
-            p.requires_grad_(False)
-        for p in trainable:
-            p.requires_grad_(True)
-        self.optimizer = torch.optim.AdamW([{"params": list(model.heads.parameters()), "lr": cfg.lr},
-                                            {"params": trainable, "lr": cfg.lr * cfg.backbone_lr_scale}],
-                                           weight_decay=cfg.weight_decay, foreach=True)  # one fused update
-        self.generator = torch.Generator().manual_seed(seed)
-        self.val_targets, self.val_index = self.targets[val_rows].to(device), groups.index[val_rows]
-        self.history: list[dict[str, Any]] = []
-        self.best, self.best_state, self.best_epoch, self.best_worst = (2, np.inf), None, 0, float("nan")
-        self.epoch = 0
-
-    def _train_epoch(self) -> float:
-        cfg, model, device, obj = self.cfg, self.model, self.device, self.objective
-        model.train()
-        model.backbone.eval()  # frozen stages keep their BatchNorm statistics
-        for m in self.split.tail_modules:
-            m.train()
-        obj.train()
-        n = len(self.train_rows)
-        batches = (_batches(n, cfg.batch_size, self.generator) if self.probabilities is None
-                   else balanced_batches(self.probabilities, n, cfg.batch_size, self.generator))
-        total, count = 0.0, 0
-        for batch in batches:
-            positions = batch.numpy()
-            rows = self.train_rows[positions]
-            x = to_device(self.inputs[rows], device, cfg.channels_last)
-            with autocast(device, cfg.bf16):
-                raw = model.head_outputs(self.split.tail(x)).float()
-            losses, known = elementwise_loss(raw, self.targets[rows].to(device), model.is_continuous)
-            if losses.numel() == 0:
-                continue
-            weight = None if self.label_weight is None else self.label_weight[positions].to(device)[known]
-            loss = obj.loss(losses, self.train_index[positions].to(device)[known], weight)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"{self.desc}: non-finite loss at epoch {self.epoch + 1}; lower finetuning.lr "
-                                    "or finetuning.dro_eta")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            total, count = total + float(loss.detach()) * len(rows), count + len(rows)
-        return total / max(count, 1)
-
-    def _validation_outputs(self) -> Tensor:
-        return apply_in_batches(lambda z: self.model.head_outputs(self.split.tail(z)), self.inputs[self.val_rows],
-                                self.device, self.cfg.bf16, self.cfg.channels_last)
-
-    def advance(self, until_epoch: int) -> None:
-        """Train (and score validation after each epoch) up to ``until_epoch``."""
-        bar = tqdm(range(self.epoch + 1, until_epoch + 1), desc=self.desc, disable=not self.progress, leave=False)
-        for epoch in bar:
-            train_loss = self._train_epoch()
-            self.epoch = epoch
-            self.model.eval()
-            raw_val = self._validation_outputs()
-            val_losses, val_known = elementwise_loss(raw_val.to(self.device), self.val_targets, self.model.is_continuous)
-            worst, per_group = worst_group_loss(val_losses.detach().cpu(), self.val_index[val_known.cpu()], self.groups,
-                                                self.cfg.select_min_group_labels)
-            entry = {"epoch": epoch, "train_loss": train_loss, "val_loss": float(val_losses.mean()),
-                     "val_worst_group_loss": worst, "val_group_loss": per_group}
-            if isinstance(self.objective, GroupDRO):
-                entry["q"] = self.objective.q.detach().cpu().tolist()
-            self.history.append(entry)
-            key = _selection_key(worst, entry["val_loss"])
-            if key < self.best:  # ties keep the earlier epoch
-                self.best, self.best_epoch, self.best_worst = key, epoch, worst
-                self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{worst:.3f}")
-
-    def result(self) -> FitResult:
-        """The model at the kept epoch (eval mode), with the history and its worst-site validation AUC."""
-        self.model.load_state_dict(self.best_state)
-        self.model.eval()
-        # the worst-site mean validation AUC of the kept model, for the record only (selection is on the loss)
-        scores = self.model.to_output(self._validation_outputs().to(self.device)).cpu()
-        auc_score, per_site = worst_site_mean_auc(self.manifest.iloc[self.val_rows], self.endpoints, scores, self.cuts)
-        return FitResult(self.model, self.objective, self.history, self.best_epoch, self.groups,
-                         val_worst_group_loss=self.best_worst, selection_key=self.best,
-                         val_worst_site_auc=auc_score, val_site_auc=per_site)
-
-
-def fit(backbone: nn.Module, inputs: Tensor, manifest: pd.DataFrame, train_rows: np.ndarray, val_rows: np.ndarray,
-        cfg: FinetuningConfig, objective: str, device: torch.device, seed: int, progress: bool = True,
-        desc: str = "finetune") -> FitResult:
-    """Fine-tune ``backbone`` (modified in place) with heads on ``train_rows``, selecting the epoch on ``val_rows``.
-
-    One point of the regularisation grid: ``cfg.weight_decay``, ``cfg.dro_eta`` and ``cfg.dro_adjustment``
-    (:func:`search_fit` runs the whole grid). ERM sees every training row once per epoch in shuffled batches;
-    reweighted ERM and group DRO see as many group-balanced draws (:mod:`nrfm.train.samplers`), with the sampler's
-    importance weights in their group means. The kept epoch has the lowest worst-group validation loss
-    (:func:`nrfm.train.finetune_data.worst_group_loss`).
-
-    Args:
-        inputs: (N, ...) inputs of the trainable part for every manifest row (see :func:`split_backbone`).
-        manifest: the run's manifest (labels and sites of every row).
-        train_rows, val_rows: integer row positions.
-        objective: ``erm``, ``reweighted`` or ``dro``.
-    """
-    run = _Training(backbone, inputs, manifest, train_rows, val_rows, cfg, objective, device, seed, progress, desc)
-    run.advance(cfg.epochs)
-    return run.result()
-
-
-def setting_label(objective: str, setting: dict[str, float]) -> str:
-    """Short name of a grid point, e.g. ``weight_decay=0.01 eta=0.1 C=0`` (eta and C for group DRO only)."""
-    label = f"weight_decay={setting['weight_decay']:g}"
-    if objective == "dro":
-        label += f" eta={setting['dro_eta']:g} C={setting['dro_adjustment']:g}"
-    return label
-
-
-def search_fit(backbone: nn.Module, inputs: Tensor, manifest: pd.DataFrame, train_rows: np.ndarray,
-               val_rows: np.ndarray, cfg: FinetuningConfig, objective: str, device: torch.device, seed: int,
-               progress: bool = True, desc: str = "finetune") -> FitResult:
-    """:func:`fit` over the points of ``cfg.settings(objective)``; keep the lowest worst-group validation loss.
-
-    Every point starts from its own copy of ``backbone`` (left unchanged) with the same seed, so the points of
-    one objective see the same batches and initial heads. With ``cfg.search_rung_epochs`` = r (0 < r < epochs)
-    and several points, the search is one round of successive halving (Jamieson & Talwalkar 2016): every point
-    trains r epochs, only the point with the lowest worst-group validation loss so far trains on to
-    ``cfg.epochs``, and it is the one kept (its kept epoch may be any of its epochs). With r = 0 every point trains
-    all epochs and the lowest score wins. Ties keep the earlier point of the grid. The result carries the chosen
-    ``setting`` and a ``search`` row per point (setting, epochs trained, best epoch, score).
-    """
-    settings = cfg.settings(objective)
-    rung = cfg.search_rung_epochs if 0 < cfg.search_rung_epochs < cfg.epochs and len(settings) > 1 else cfg.epochs
-    runs, rows = [], []
-    for setting in settings:
-        label = setting_label(objective, setting)
-        run = _Training(copy.deepcopy(backbone), inputs, manifest, train_rows, val_rows,
-                        dataclasses.replace(cfg, **setting), objective, device, seed, progress, f"{desc} {label}")
-        run.advance(rung)
-        runs.append(run)
-        used = setting if objective == "dro" else {**setting, "dro_eta": float("nan"), "dro_adjustment": float("nan")}
-        rows.append({"setting": label, **used})
-        leader = min(range(len(runs)), key=lambda k: (runs[k].best, k))
-        for k, other in enumerate(runs):  # a point behind the leader never trains again: free its weights
-            if k != leader:
-                other.best_state = other.model = other.optimizer = None
-    chosen = min(range(len(runs)), key=lambda k: (runs[k].best, k))
-    runs[chosen].advance(cfg.epochs)
-    best = runs[chosen].result()
-    for k, (run, row) in enumerate(zip(runs, rows)):
-        row.update({"epochs_trained": run.epoch, "best_epoch": run.best_epoch,
-                    "val_worst_group_loss": run.best_worst, "chosen": k == chosen,
-                    # no validation group with select_min_group_labels labels: the mean validation loss decided
-                    "selected_on": "worst_group_loss" if run.best[0] == 0 else "mean_val_loss"})
-    best.setting = {"setting": rows[chosen]["setting"], **settings[chosen]}
-    best.search = rows
-    return best
 
 
 def _write_selection(ctx, method: str, objective: str, protocol: str, rows: list[dict[str, Any]]) -> None:
@@ -385,9 +78,9 @@ class FinetuneResult:
 
 
 def _fold_rows(manifest: pd.DataFrame, protocol: str, pretrained_subjects: list[str] | None = None) -> list[Fold]:
-    """The folds of a protocol, from :func:`nrfm.data.manifest.fold_rows` (the one fold builder).
+    """The folds of a protocol, from :func:`nrfm.data.splits.fold_rows` (the one fold builder).
 
-    Each :class:`~nrfm.data.manifest.Fold` unpacks as ``(fold name, train rows, val rows, test rows)``; its ``notes``
+    Each :class:`~nrfm.data.splits.Fold` unpacks as ``(fold name, train rows, val rows, test rows)``; its ``notes``
     say which held-out exams were left out (patients on the training side, exams pretraining saw).
     """
     if protocol not in PROTOCOLS:
@@ -438,7 +131,7 @@ def _write_embeddings(path, manifest: pd.DataFrame, embedding: Tensor, fingerpri
 
 
 def run_finetune_stage(ctx, method: str, objective: str, protocol: str, progress: bool = True,
-                       backbone: nn.Module | None = None) -> FinetuneResult:
+                       backbone: nn.Module | None = None, label: str | None = None) -> FinetuneResult:
     """Fine-tune one pretrained backbone with one objective under one protocol; write artifacts and metrics.
 
     Writes ``artifacts/predictions_{method}_{objective}_{protocol}.csv``, ``artifacts/history_...json``, and
@@ -449,7 +142,10 @@ def run_finetune_stage(ctx, method: str, objective: str, protocol: str, progress
     Args:
         ctx: the run context. method: SSL method (backbone name). objective: erm | reweighted | dro.
         protocol: pooled | loso. backbone: use this pretrained backbone instead of
-            :func:`nrfm.train.pretrain.pretrained_backbone` (tests, custom backbones).
+            :func:`nrfm.train.pretrain.pretrained_backbone` (tests, custom backbones, baselines).
+        label: write the results under this name instead of ``objective`` (a baseline trained with that
+            objective, e.g. ``scratch``); a labelled fit writes predictions, history and metrics rows only (no
+            checkpoint or embeddings: later stages read the pretrained backbone's models).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; valid: {list(OBJECTIVES)}")
@@ -462,7 +158,9 @@ def run_finetune_stage(ctx, method: str, objective: str, protocol: str, progress
     backbone = backbone.to(device).eval()
     split = split_backbone(backbone, cfg.mode)
     inputs = frozen_inputs(ctx, method, backbone, split, progress)
-    if protocol == "pooled":
+    name = label or objective
+    keep_models = protocol == "pooled" and label is None
+    if keep_models:
         emb = apply_in_batches(lambda z: split.tail(z), inputs, device, cfg.bf16, cfg.channels_last)
         _write_embeddings(ctx.layout.embeddings(method, "pretrained"), manifest, emb)
     endpoints, frames, history, checkpoint, notes = tuple(cfg.endpoints), [], {}, None, []
@@ -472,8 +170,8 @@ def run_finetune_stage(ctx, method: str, objective: str, protocol: str, progress
     selection: list[dict[str, Any]] = []
     for k, (fold, train, val, test) in enumerate(folds):
         result = search_fit(backbone, inputs, manifest, train, val, cfg, objective, device,
-                            seed=ctx.config.seed + k, progress=progress, desc=f"{method}/{objective}/{fold}")
-        selection += [{"backbone": method, "objective": objective, "protocol": protocol, "fold": fold, **row}
+                            seed=ctx.config.seed + k, progress=progress, desc=f"{method}/{name}/{fold}")
+        selection += [{"backbone": method, "objective": name, "protocol": protocol, "fold": fold, **row}
                       for row in result.search]
         tail = split_backbone(result.model.backbone, cfg.mode).tail
         raw = apply_in_batches(lambda z: result.model.head_outputs(tail(z)), inputs, device, cfg.bf16,
@@ -485,7 +183,7 @@ def run_finetune_stage(ctx, method: str, objective: str, protocol: str, progress
                          "group_counts": result.groups.counts.tolist(), "group_task": result.groups.task.tolist(),
                          "tasks": result.groups.task_names, "setting": result.setting, "search": result.search,
                          "val_worst_site_auc": result.val_worst_site_auc, "val_site_auc": result.val_site_auc}
-        if protocol == "pooled":
+        if keep_models:
             emb = apply_in_batches(tail, inputs, device, cfg.bf16, cfg.channels_last)
             _write_embeddings(ctx.layout.embeddings(method, objective), manifest, emb,
                               _sha256(fingerprint))
@@ -498,95 +196,23 @@ def run_finetune_stage(ctx, method: str, objective: str, protocol: str, progress
                 "groups": result.groups.names, "best_epoch": result.best_epoch,
                 "config_sha256": ctx.config.sha256(), "fingerprint": _sha256(fingerprint),
                 "fingerprint_inputs": json.dumps(fingerprint, sort_keys=True)})
-    _write_selection(ctx, method, objective, protocol, selection)
+    _write_selection(ctx, method, name, protocol, selection)
     predictions = pd.concat(frames, ignore_index=True)
-    pred_path = atomic_write_csv(ctx.layout.predictions(method, objective, protocol), predictions)
-    atomic_write_json(ctx.layout.history(method, objective, protocol),
-                      {"method": method, "objective": objective, "protocol": protocol, "mode": cfg.mode,
-                       "config_sha256": ctx.config.sha256(), "folds": history})
-    table = molecular_table(predictions, method, objective, protocol, ctx.config.seed, cuts_of(cfg),
+    pred_path = atomic_write_csv(ctx.layout.predictions(method, name, protocol), predictions)
+    atomic_write_json(ctx.layout.history(method, name, protocol),
+                      {"method": method, "objective": name, "trained_with": objective, "protocol": protocol,
+                       "mode": cfg.mode, "config_sha256": ctx.config.sha256(), "folds": history})
+    table = molecular_table(predictions, method, name, protocol, ctx.config.seed, cuts_of(cfg),
                             n_boot=ctx.config.analyses.bootstrap, oracle=ctx.oracle, endpoints=endpoints)
     if protocol == "loso":
         table["note"] = ["; ".join(n for n in (note, LOSO_NOTE) if n) for note in table["note"]]
     ctx.write_metrics("molecular", table, key_columns=["backbone", "objective", "protocol", "seed", "site", "endpoint"])
     notes += sorted({n for n in table["note"] if n})
-    return FinetuneResult(method, objective, protocol, table, pred_path, history, checkpoint,
+    return FinetuneResult(method, name, protocol, table, pred_path, history, checkpoint,
                           time.perf_counter() - start, notes)
 
 
-# ------------------------------------------------------------------------------------- artifact fingerprints
-def weights_sha256(module: nn.Module) -> str:
-    """sha256 of a module's parameter and buffer values (names included): the upstream artifact's identity."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def finetune_fingerprint_inputs(ctx, method: str, objective: str, backbone: nn.Module) -> dict[str, Any]:
-    """Everything a pooled fine-tuned model depends on, as a JSON-able dict (its sha256 is the fingerprint).
-
-    The fine-tuning settings (but not which objectives and protocols to run), the preprocessing settings (but
-    not the cache folder), the cohort's split settings, the seed, the subjects with their patients, sites,
-    splits and labels, and the pretrained backbone's weights (the upstream artifact).
-    """
-    cfg = ctx.config
-    tuning = {k: v for k, v in dataclasses.asdict(cfg.finetuning).items() if k not in ("objectives", "protocols")}
-    columns = ["subject_id", "patient_id", "site", "split", *cfg.finetuning.endpoints]
-    table = ctx.manifest[columns].astype(str).to_csv(index=False)
-    return json.loads(json.dumps({
-        "method": method, "objective": objective, "seed": cfg.seed, "finetuning": tuning,
-        "preprocessing": {k: v for k, v in dataclasses.asdict(cfg.preprocessing).items() if k != "cache_dir"},
-        "cohort": {"split_endpoint": cfg.cohort.split_endpoint, "split_fractions": cfg.cohort.split_fractions},
-        "manifest_sha256": hashlib.sha256(table.encode()).hexdigest(),
-        "pretrained_backbone_sha256": weights_sha256(backbone)}, default=list))
-
-
-def _sha256(inputs: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
-
-
-def changed_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two fingerprint input dicts, with old -> new for short values."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += changed_settings(a, b, f"{prefix}{key}.")
-        elif a != b:
-            short = all(len(json.dumps(v)) <= 40 for v in (a, b))
-            out.append(f"{prefix}{key}" + (f" ({json.dumps(a)} -> {json.dumps(b)})" if short else ""))
-    return out
-
-
-def _stale_reason(ctx, method: str, objective: str, inputs: dict[str, Any]) -> str:
-    """Why the pooled model and embeddings of ``method``/``objective`` must be rebuilt ('' if they are current)."""
-    path = ctx.layout.finetuned_model(method, objective)
-    emb = ctx.layout.embeddings(method, objective)
-    if not path.is_file():
-        return f"{path.name} missing"
-    if not emb.is_file():
-        return f"{emb.name} missing"
-    try:
-        ckpt = safe_torch_load(path)
-    except CheckpointError as err:
-        return f"{path.name} unreadable ({err})"
-    if ckpt.get("fingerprint") != _sha256(inputs):
-        old = ckpt.get("fingerprint_inputs")
-        if not old:
-            return f"{path.name} has no fingerprint (made by an older nrfm)"
-        return f"{path.name} was made with other settings: " + ", ".join(changed_settings(json.loads(old), inputs))
-    try:
-        with np.load(emb, allow_pickle=False) as data:
-            stored = str(data["fingerprint"]) if "fingerprint" in data.files else ""
-    except (OSError, ValueError) as err:
-        return f"{emb.name} unreadable ({err})"
-    if stored != _sha256(inputs):
-        return f"{emb.name} does not belong to {path.name}"
-    return ""
-
-
+# ------------------------------------------------------------------------------------------ pooled models
 def load_finetuned(ctx, method: str, objective: str, backbone: nn.Module | None = None) -> FinetuneModel:
     """The pooled-protocol fine-tuned model of ``method`` and ``objective`` (weights_only load), in eval mode.
 
@@ -628,8 +254,9 @@ def ensure_finetuned(ctx, method: str, progress: bool = True, backbone: nn.Modul
     """Fine-tune (pooled protocol) each configured objective whose model or embeddings are missing or stale.
 
     Later stages call this, so a notebook run on its own (or after ``--only``) computes what it needs. A model
-    is reused only if its fingerprint (:func:`finetune_fingerprint_inputs`: settings, labels, splits, seed and
-    the pretrained weights) matches this run; otherwise it is retrained and a warning names what changed.
+    is reused only if its fingerprint (:func:`~nrfm.train.fingerprints.finetune_fingerprint_inputs`: settings,
+    labels, splits, seed and the pretrained weights) matches this run; otherwise it is retrained and a warning
+    names what changed.
 
     Args:
         backbone: the pretrained backbone (default: :func:`nrfm.train.pretrain.pretrained_backbone`).

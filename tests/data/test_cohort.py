@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from nrfm.data import cohort
-from nrfm.config import load_config
+from nrfm.config_loading import load_config
 from nrfm.pipeline.context import open_run
 from nrfm.data.importers import import_cohort
 

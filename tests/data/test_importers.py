@@ -11,7 +11,8 @@ import pytest
 
 from nrfm.errors import DataError, ManifestError, NrfmError
 from nrfm.data.importers import KINDS, import_cohort, merge_manifests
-from nrfm.data.manifest import COLUMNS, read_manifest, validate_manifest
+from nrfm.data.manifest import COLUMNS, read_manifest
+from nrfm.data.validation import validate_manifest
 
 SHAPE = (8, 8, 6)
 NAN = math.nan

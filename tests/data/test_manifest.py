@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from nrfm.errors import LeakageError, ManifestError
-from nrfm.data.manifest import (COLUMNS, IMAGE_COLUMNS, assign_splits, check_no_patient_leak, loso_folds, read_manifest,
-                           validate_manifest)
+from nrfm.data.manifest import COLUMNS, IMAGE_COLUMNS, read_manifest
+from nrfm.data.splits import assign_splits, check_no_patient_leak, loso_folds
+from nrfm.data.validation import validate_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPE = (8, 8, 6)

@@ -48,3 +48,18 @@ def test_a_marker_without_both_classes_is_left_out_and_named():
     predictions.loc[predictions["endpoint"] == "atrx", "y_true"] = 0.0
     row = ceiling_row(predictions, oracle, n_boot=50)
     assert "atrx" not in row["markers"].split(",") and "atrx: one class" in row["note"]
+
+
+def test_paired_difference_matches_two_rows_and_detects_a_better_model():
+    from nrfm.eval.ceiling import paired_difference
+
+    weak, oracle = _cohort(skill=0.0, seed=4, n=300)
+    strong = weak.copy()
+    strong["y_score"] = oracle.set_index(["subject_id", "endpoint"]).loc[
+        list(zip(strong["subject_id"], strong["endpoint"])), "value"].to_numpy()
+    result = paired_difference(weak, strong, oracle, n_boot=300)
+    assert result["b"] == pytest.approx(ceiling_row(strong, oracle, n_boot=10)["ceiling_fraction"])
+    assert result["a"] == pytest.approx(ceiling_row(weak, oracle, n_boot=10)["ceiling_fraction"])
+    assert result["ci_low"] > 0.5 and result["p_value"] < 0.01
+    same = paired_difference(weak, weak, oracle, n_boot=100)
+    assert same["delta"] == 0 and same["ci_low"] == same["ci_high"] == 0

@@ -8,7 +8,7 @@ from lifelines.utils import concordance_index
 from sklearn.metrics import roc_auc_score
 
 from nrfm.eval import bootstrap
-from nrfm.eval import claims as summary
+from nrfm.eval import claim_rows, claims, summary
 
 SITES = {"Small": (12, 40), "Big": (60, 20)}  # site: (train patients, test patients); smallest by TRAINING
 
@@ -55,44 +55,44 @@ def _run(tmp_path, objectives=(("erm", 0.2), ("dro", 2.5), ("reweighted", 0.3)),
 
 
 def test_claim_specs_and_wording_are_data():
-    rules = summary.rule_table()
-    assert set(rules["key"]) == {c.key for c in summary.CLAIMS} and rules["test"].notna().all()
-    words = summary.wording_table()
+    rules = claims.rule_table()
+    assert set(rules["key"]) == {c.key for c in claims.CLAIMS} and rules["test"].notna().all()
+    words = claims.wording_table()
     assert {"planted gain detected", "no gain where none was planted", "gain reported where none was planted",
             "reproduced"} <= set(words["verdict"])
-    assert summary.verdict_tone("gain reported where none was planted") == "bad"
+    assert claims.verdict_tone("gain reported where none was planted") == "bad"
 
 
 def test_scenario_from_the_cohort_folder(tmp_path):
     run, _ = _run(tmp_path, scenario="no-shift")
-    assert summary.cohort_scenario(run) == "no-shift"
+    assert claim_rows.cohort_scenario(run) == "no-shift"
     (tmp_path / "cohort" / "cohort.json").write_text("{}")
-    assert summary.cohort_scenario(run) == "synthetic"  # legacy synthetic cohort: no scenario key
+    assert claim_rows.cohort_scenario(run) == "synthetic"  # legacy synthetic cohort: no scenario key
     (tmp_path / "cohort" / "cohort.json").unlink()
     (tmp_path / "cohort" / "oracle.csv").unlink()
-    assert summary.cohort_scenario(run) == "imported"
+    assert claim_rows.cohort_scenario(run) == "imported"
 
 
 def test_paired_endpoint_mean_point_values_and_nan_threshold():
     manifest = _manifest()
     test = manifest[manifest["split"] == "test"]
     erm, dro = _predictions(test, 0.3, seed=1), _predictions(test, 2.0, seed=2)
-    result = summary.paired_endpoint_mean(erm, dro, "auc", ("mgmt", "idh"), n_boot=300)
+    result = claim_rows.paired_endpoint_mean(erm, dro, "auc", ("mgmt", "idh"), n_boot=300)
     direct = lambda f: np.mean([roc_auc_score(p["y_true"], p["y_score"]) for _, p in f.groupby("endpoint")])
     assert result["a"] == pytest.approx(direct(erm)) and result["b"] == pytest.approx(direct(dro))
     assert result["ci_low"] > 0 and result["p_value"] < 0.01
-    same = summary.paired_endpoint_mean(erm, erm, "bacc", ("mgmt", "idh"), n_boot=100)
+    same = claim_rows.paired_endpoint_mean(erm, erm, "bacc", ("mgmt", "idh"), n_boot=100)
     assert same["delta"] == 0 and same["ci_low"] == 0 and same["p_value"] == 1
     # a NaN threshold (validation with one class) is no decision rule: the endpoint is not scored, never 0.5
     no_rule = erm.copy()
     no_rule.loc[no_rule["endpoint"] == "idh", "threshold"] = np.nan
-    result = summary.paired_endpoint_mean(no_rule, dro, "bacc", ("mgmt", "idh"), n_boot=50)
+    result = claim_rows.paired_endpoint_mean(no_rule, dro, "bacc", ("mgmt", "idh"), n_boot=50)
     assert result["endpoints"] == ["mgmt"] and "idh (no validation threshold)" in result["note"]
 
 
 def test_molecular_rows_use_the_smallest_training_site(tmp_path):
     run, _ = _run(tmp_path)
-    rows = pd.DataFrame(summary.molecular_rows(run, ["byol"], {}, n_boot=200))
+    rows = pd.DataFrame(claim_rows.molecular_rows(run, ["byol"], {}, n_boot=200))
     assert set(rows["site"]) == {"Small"}  # fewest training exams, although it has the most test exams
     unlabelled = rows[rows["claim_key"] == "auc_atrx"]  # no ATRX labels in these predictions
     assert unlabelled["p_value"].isna().all() and unlabelled["note"].str.contains("no labelled").all()
@@ -114,21 +114,21 @@ def _decision_table():
 
 
 def test_holm_attribution_and_wording_by_scenario():
-    table = summary.decide(_decision_table(), "site-shift")
-    pairwise = table[table["comparison"] != summary.ATTRIBUTION]
+    table = claims.decide(_decision_table(), "site-shift")
+    pairwise = table[table["comparison"] != claims.ATTRIBUTION]
     expected = bootstrap.holm(_decision_table()["p_value"].to_numpy())
     assert pairwise["adjusted_p"].to_numpy() == pytest.approx(expected, nan_ok=True)
-    attribution = table[table["comparison"] == summary.ATTRIBUTION].set_index(["claim_key", "backbone"])
+    attribution = table[table["comparison"] == claims.ATTRIBUTION].set_index(["claim_key", "backbone"])
     # DRO beats ERM and reweighted (both adjusted) only for claim a on byol
     assert attribution.loc[("a", "byol"), "verdict"] == "planted gain detected"
     assert attribution.loc[("a", "dino"), "verdict"] == "planted gain not detected"
     assert attribution.loc[("a", "byol"), "adjusted_p"] == pytest.approx(max(expected[0], expected[1]))
     assert attribution.loc[("b", "byol"), "verdict"] == "not evaluable"  # its reweighted comparison has no p
-    no_shift = summary.decide(_decision_table(), "no-shift").set_index(["claim_key", "backbone", "comparison"])
+    no_shift = claims.decide(_decision_table(), "no-shift").set_index(["claim_key", "backbone", "comparison"])
     assert no_shift.loc[("a", "byol", "dro-erm"), "verdict"] == "gain reported where none was planted"
     assert no_shift.loc[("a", "byol", "dro-erm"), "control"] == "false positive"
     assert no_shift.loc[("a", "dino", "dro-reweighted"), "verdict"] == "no gain where none was planted"
-    imported = summary.decide(_decision_table().assign(ci_high=0.03), "imported").set_index(
+    imported = claims.decide(_decision_table().assign(ci_high=0.03), "imported").set_index(
         ["claim_key", "backbone", "comparison"])
     assert imported.loc[("a", "byol", "dro-erm"), "verdict"] == "reproduced"
     assert imported.loc[("b", "byol", "dro-erm"), "verdict"] == "not reproduced"  # CI below the paper's 0.05
@@ -137,9 +137,9 @@ def test_holm_attribution_and_wording_by_scenario():
 def test_runs_with_only_erm_and_dro_are_attributed_on_dro_minus_erm(tmp_path):
     run, _ = _run(tmp_path, objectives=(("erm", 0.2), ("dro", 2.5)))
     table = summary.all_verdicts(run, ["byol"], {}, n_boot=50)
-    assert set(table["comparison"]) >= {"dro-erm", summary.ATTRIBUTION}
+    assert set(table["comparison"]) >= {"dro-erm", claims.ATTRIBUTION}
     assert "dro-reweighted" not in set(table["comparison"])
-    attributed = table[(table["comparison"] == summary.ATTRIBUTION) & (table["claim_key"] == "auc_rare_site")]
+    attributed = table[(table["comparison"] == claims.ATTRIBUTION) & (table["claim_key"] == "auc_rare_site")]
     assert "no reweighted model" in attributed["note"].iloc[0]
     assert (table["scenario"] == "site-shift").all() and table["n_boot"].max() >= 50
 
@@ -160,11 +160,11 @@ def test_survival_is_paired_when_risks_exist_and_says_so_otherwise(tmp_path):
     pd.DataFrame([{"backbone": "byol", "objective": o, "site": s, "c_index": 0.6} for o in ("erm", "dro")
                   for s in ("Small", "Big", "all")]).to_csv(run / "metrics" / "survival.csv", index=False) \
         if (run / "metrics").mkdir() is None else None
-    missing = pd.DataFrame(summary.survival_rows(run, ["byol"], n_boot=50))
+    missing = pd.DataFrame(claim_rows.survival_rows(run, ["byol"], n_boot=50))
     assert set(missing["verdict"]) == {"no paired data"} and set(missing["site"]) == {"Small", "Big"}
     for k, objective in enumerate(("erm", "dro")):
         _risks(manifest, objective, k).to_csv(run / "artifacts" / f"survival_risk_byol_{objective}.csv", index=False)
-    rows = pd.DataFrame(summary.survival_rows(run, ["byol"], n_boot=200)).set_index("site")
+    rows = pd.DataFrame(claim_rows.survival_rows(run, ["byol"], n_boot=200)).set_index("site")
     erm, dro = _risks(manifest, "erm", 0), _risks(manifest, "dro", 1)
     small = erm["site"] == "Small"
     expected = (concordance_index(dro["os_days"][small], -dro["risk"][small], dro["os_event"][small])
@@ -182,7 +182,7 @@ def test_site_mixing_is_paired_over_test_subjects(tmp_path):
         emb = rng.normal(size=(len(manifest), 6)) + scale * offset
         np.savez(run / "artifacts" / f"embeddings_byol_{objective}.npz",
                  subject_id=manifest["subject_id"].to_numpy(dtype=str), embedding=emb)
-    rows = pd.DataFrame(summary.site_mixing_rows(run, ["byol"], n_boot=200, pca_components=3))
+    rows = pd.DataFrame(claim_rows.site_mixing_rows(run, ["byol"], n_boot=200, pca_components=3))
     dro_erm = rows[rows["comparison"] == "dro-erm"].iloc[0]
     assert dro_erm["delta"] < 0 and dro_erm["ci_high"] < 0 and dro_erm["p_value"] < 0.01  # lower = mixes more
 
@@ -212,7 +212,7 @@ def test_gradcam_focus_must_beat_both_controls_and_joins_holm(tmp_path):
     _cam_scores(manifest, centre, rng.uniform(0.0, 0.4, n), shuffled=centre + rng.normal(0, 0.02, n),
                 random_init=rng.uniform(0.05, 0.15, n)).to_csv(
         run / "artifacts" / "gradcam_subjects_byol_dro_idh.csv", index=False)
-    rows = pd.DataFrame(summary.gradcam_rows(run, ["byol"], n_boot=500)).set_index("objective")
+    rows = pd.DataFrame(claim_rows.gradcam_rows(run, ["byol"], n_boot=500)).set_index("objective")
     erm = pd.read_csv(run / "artifacts" / "gradcam_subjects_byol_erm_idh.csv")
     assert rows.loc["erm", "value"] == pytest.approx(erm["cam_in_tumor"].mean() / 0.1)  # the lesion alone
     assert rows.loc["erm", "baseline"] == pytest.approx(
@@ -231,7 +231,7 @@ def test_gradcam_without_control_columns_tests_enrichment_above_one(tmp_path):
     rng = np.random.default_rng(1)
     _cam_scores(manifest, rng.uniform(0.3, 0.6, 60), rng.uniform(0.1, 0.3, 60)).to_csv(
         run / "artifacts" / "gradcam_subjects_byol_erm_idh.csv", index=False)
-    row = pd.DataFrame(summary.gradcam_rows(run, ["byol"], n_boot=200)).iloc[0]
+    row = pd.DataFrame(claim_rows.gradcam_rows(run, ["byol"], n_boot=200)).iloc[0]
     assert row["baseline"] == 1.0 and "no control columns" in row["note"] and row["ci_low"] > 0
 
 
@@ -247,7 +247,7 @@ def test_gradcam_without_per_subject_scores_uses_the_table_ci(tmp_path):
         rows += [{"backbone": "byol", "objective": objective, **row}
                  for row in summarise_scores(scores, ["Big", "Small"], n_boot=200)]
     pd.DataFrame(rows).to_csv(run / "metrics" / "gradcam.csv", index=False)
-    cam = pd.DataFrame(summary.gradcam_rows(run, ["byol"], n_boot=50, scenario="imported")).set_index("objective")
+    cam = pd.DataFrame(claim_rows.gradcam_rows(run, ["byol"], n_boot=50, scenario="imported")).set_index("objective")
     assert cam.loc["erm", "verdict"] == "reproduced" and cam.loc["dro", "verdict"] == "not reproduced"
     assert cam.loc["erm", "value"] == pytest.approx(0.5 / 0.1) and "outside the Holm family" in cam.loc["erm", "note"]
 
@@ -270,7 +270,7 @@ def test_write_verdicts_replaces_the_file(tmp_path):
     run, _ = _run(tmp_path)
     scope = summary.SummaryScope(run, [run], False, None, "")
     table = summary.all_verdicts(run, ["byol"], {}, n_boot=50).assign(run="run")
-    path = summary.write_verdicts(scope, table[["run", *summary.VERDICT_COLUMNS]])
+    path = summary.write_verdicts(scope, table[["run", *claims.VERDICT_COLUMNS]])
     written = pd.read_csv(path)
     assert "run" not in written and {"scenario", "comparison", "objective", "adjusted_p"} <= set(written)
     assert len(written) == len(table)
@@ -286,14 +286,14 @@ def test_report_grid_shows_every_verdict_row(tmp_path):
              "ci_low": d - 0.1, "ci_high": d + 0.1, "adjusted_p": p, "verdict": v, "note": ""}
             for c, d, p, v in (("dro-erm", 0.2, 0.001, "planted gain detected"),
                                ("dro-reweighted", 0.01, 0.4, "planted gain not detected"),
-                               (summary.ATTRIBUTION, 0.2, 0.4, "planted gain not detected"))]
+                               (claims.ATTRIBUTION, 0.2, 0.4, "planted gain not detected"))]
     rows += [{"claim": "Grad-CAM concentrates on tumour and peritumoral tissue", "backbone": "byol",
               "comparison": o, "objective": o, "site": "all", "metric": "cam lesion enrichment", "value": 2.0,
               "ci_low": 1.5, "ci_high": 2.5, "verdict": "lesion focus shown", "scenario": "site-shift"}
              for o in ("erm", "dro")]
     pd.DataFrame(rows).to_csv(run / "metrics" / "verdicts.csv", index=False)
     grid = _verdict_html(run).split("<details>")[0]
-    for comparison in ("dro-erm", "dro-reweighted", summary.ATTRIBUTION, "· erm", "· dro"):
+    for comparison in ("dro-erm", "dro-reweighted", claims.ATTRIBUTION, "· erm", "· dro"):
         assert comparison in grid, comparison
     assert grid.count("planted gain not detected") == 2 and grid.count("lesion focus shown") == 2
     assert "verdict-good" in grid and "verdict-bad" in grid and "site-shift" in grid
@@ -304,8 +304,8 @@ def test_a_degenerate_bootstrap_is_not_evaluable():
     test = manifest[manifest["split"] == "test"].head(4)  # two patients, two exams each
     erm = _predictions(test, 0.0, endpoints=("idh",)).assign(y_true=[0.0, 0.0, 1.0, 1.0])
     dro = erm.assign(y_score=[0.0, 0.0, 1.0, 1.0])
-    result = summary.paired_endpoint_mean(erm, dro, "auc", ("idh",), n_boot=200)
+    result = claim_rows.paired_endpoint_mean(erm, dro, "auc", ("idh",), n_boot=200)
     assert result["ci_low"] == result["ci_high"]  # a single possible resample: zero width whatever the data
-    claim = summary.CLAIMS[2]
-    row = summary._comparison_row(claim, "byol", "dro", "erm", "Small", result, 200, min_distinct=2880)
+    claim = claims.CLAIMS[2]
+    row = claim_rows._comparison_row(claim, "byol", "dro", "erm", "Small", result, 200, min_distinct=2880)
     assert np.isnan(row["p_value"]) and "distinct resamples" in row["note"]

@@ -12,8 +12,9 @@ from torch import nn
 from nrfm.config import Config
 from nrfm.pipeline.context import RunContext
 from nrfm.errors import ConfigError
-from nrfm.eval.gradcam import (GradCAM3D, grad_cam_volumes, gradcam_table, localization_scores, mask_derangement,
-                          peritumoral_ring, random_init_copy, resolve_target_layer, run_gradcam_stage)
+from nrfm.eval.gradcam import (gradcam_table, localization_scores, mask_derangement, peritumoral_ring, random_init_copy,
+                               run_gradcam_stage)
+from nrfm.eval.gradcam_maps import GradCAM3D, grad_cam_volumes, resolve_target_layer
 
 SIDE = 24
 REGION = (slice(4, 12), slice(12, 20), slice(8, 16))  # the planted evidence region, 8^3 of 24^3 voxels
@@ -38,7 +39,7 @@ class TinyBackbone(nn.Module):
 
 
 class TinyFinetuneModel(nn.Module):
-    """Same interface as nrfm.train.finetune.FinetuneModel: forward -> (B, len(endpoints)), ``backbone``."""
+    """Same interface as nrfm.train.finetune_fit.FinetuneModel: forward -> (B, len(endpoints)), ``backbone``."""
 
     endpoints = ("idh", "mgmt")
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from nrfm.models.backbones import ResNetBackbone, SmallInputSafeConv3d, backbone_arch, build_backbone
-from nrfm.config import PretrainingConfig, config_from_dict
+from nrfm.config import PretrainingConfig
+from nrfm.config_loading import config_from_dict
 from nrfm.errors import ConfigError
 
 CFG = PretrainingConfig(cnn_width=4, vit_patch_size=4, vit_hidden_size=24, vit_layers=1, vit_heads=2,

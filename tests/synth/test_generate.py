@@ -399,7 +399,7 @@ def test_profiles_and_generic_site():
 
 
 def test_runs_keep_the_fixed_test_set_and_split_the_rest_by_patient():
-    from nrfm.data.manifest import assign_splits, check_no_patient_leak
+    from nrfm.data.splits import assign_splits, check_no_patient_leak
 
     exams, _ = synth.latent_experiment("default", 0, "site-shift")
     man = synth._manifest(exams)

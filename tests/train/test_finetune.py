@@ -9,7 +9,8 @@ from torch import nn
 
 from nrfm.config import BINARY_ENDPOINTS, CONTINUOUS_ENDPOINTS, ENDPOINTS, AnalysesConfig, Config, FinetuningConfig
 from nrfm.pipeline.context import RunContext
-from nrfm.train.finetune import FinetuneModel, elementwise_loss, load_finetuned, read_history, run_finetune_stage
+from nrfm.train.finetune import load_finetuned, read_history, run_finetune_stage
+from nrfm.train.finetune_fit import FinetuneModel, elementwise_loss
 from nrfm.train.finetune_data import (build_groups, split_backbone, standardise_targets, worst_group_loss,
                                 worst_site_mean_auc)
 
@@ -233,7 +234,7 @@ def test_loso_keeps_a_patient_scanned_at_two_sites_on_one_side(tmp_path):
 
 def test_loso_site_with_one_exam_splits_and_folds(tmp_path):
     from nrfm.train.finetune import _fold_rows
-    from nrfm.data.manifest import assign_splits
+    from nrfm.data.splits import assign_splits
 
     ctx = fake_context(tmp_path)
     manifest = ctx.manifest.copy()

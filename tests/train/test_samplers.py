@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from nrfm.train.finetune import _batches
+from nrfm.train.finetune_fit import _batches
 from nrfm.train.samplers import (balanced_batches, balanced_row_probabilities, expected_group_mass, importance_weights,
                            split_into_batches)
 

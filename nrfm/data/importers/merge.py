@@ -18,7 +18,8 @@ import pandas as pd
 from nrfm.config import ENDPOINTS
 from nrfm.errors import ManifestError
 from nrfm.data.importers.common import ImportReport, write_manifest
-from nrfm.data.manifest import COLUMNS, check_no_patient_leak, read_manifest
+from nrfm.data.manifest import COLUMNS, read_manifest
+from nrfm.data.splits import check_no_patient_leak
 
 FILLABLE = ("age", "sex", "grade") + ENDPOINTS
 
