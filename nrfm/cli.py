@@ -64,7 +64,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             raise NrfmError(f"import {args.kind}: --root DIR is required (the downloaded cohort's folder)")
         report = import_cohort(args.kind, Path(args.root), Path(args.out),
                                mgmt_labels=Path(args.mgmt_labels) if args.mgmt_labels else None,
-                               force=args.force, progress=not args.quiet, scenario=args.scenario)
+                               force=args.force, progress=not args.quiet)
     print(report.format())
     return 0
 
