@@ -36,10 +36,9 @@ def _wide(predictions: pd.DataFrame, oracle: pd.DataFrame) -> tuple[pd.DataFrame
     return frame, markers
 
 
-def ceiling_row(predictions: pd.DataFrame, oracle: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Ceiling fraction of one model's pooled predictions with its bootstrap CI (see the module docstring)."""
-    frame, markers = _wide(predictions, oracle)
-    notes, kept = [], []
+def _scored_markers(frame: pd.DataFrame, markers: list[str]) -> tuple[list[str], list[str]]:
+    """(markers kept, notes on those left out): both classes among the test subjects and a bound above 0.5."""
+    kept, notes = [], []
     for m in markers:
         y = frame[("y", m)].to_numpy(float)
         bound_auc = bootstrap.auc(y, frame[("bound", m)].to_numpy(float), np.ones((1, len(y))))[0]
@@ -49,22 +48,31 @@ def ceiling_row(predictions: pd.DataFrame, oracle: pd.DataFrame, n_boot: int = 1
             notes.append(f"{m}: bound {bound_auc:.2f} <= 0.5 (no achievable gain)")
         else:
             kept.append(m)
+    return kept, notes
+
+
+def _fractions(frame: pd.DataFrame, kept: list[str], counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per resample (row of counts): the ceiling fraction, the mean model AUC and the mean bound AUC."""
+    ys = [frame[("y", m)].to_numpy(float) for m in kept]
+    aucs = np.stack([bootstrap.auc(y, frame[("score", m)].to_numpy(float), counts) for y, m in zip(ys, kept)])
+    bounds = np.stack([bootstrap.auc(y, frame[("bound", m)].to_numpy(float), counts) for y, m in zip(ys, kept)])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.mean((aucs - 0.5) / (bounds - 0.5), axis=0), aucs.mean(0), bounds.mean(0)
+
+
+def ceiling_row(predictions: pd.DataFrame, oracle: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Ceiling fraction of one model's pooled predictions with its bootstrap CI (see the module docstring)."""
+    frame, markers = _wide(predictions, oracle)
+    kept, notes = _scored_markers(frame, markers)
     row = {"n_test": len(frame), "markers": ",".join(kept), "ceiling_fraction": np.nan, "ci_low": np.nan,
            "ci_high": np.nan, "mean_auc": np.nan, "mean_bound": np.nan, "note": "; ".join(notes)}
     if not kept:
         return row
     ys = [frame[("y", m)].to_numpy(float) for m in kept]
-
-    def fractions(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        aucs = np.stack([bootstrap.auc(y, frame[("score", m)].to_numpy(float), counts) for y, m in zip(ys, kept)])
-        bounds = np.stack([bootstrap.auc(y, frame[("bound", m)].to_numpy(float), counts) for y, m in zip(ys, kept)])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.mean((aucs - 0.5) / (bounds - 0.5), axis=0), aucs.mean(0), bounds.mean(0)
-
     full = np.ones((1, len(frame)), dtype=np.int64)
-    point, mean_auc, mean_bound = (float(v[0]) for v in fractions(full))
+    point, mean_auc, mean_bound = (float(v[0]) for v in _fractions(frame, kept, full))
     counts = bootstrap.draw(len(frame), n_boot, seed, clusters=frame[("patient", "")].to_numpy(), both_classes=ys)
-    low, high = bootstrap.percentile_ci(fractions(counts)[0])
+    low, high = bootstrap.percentile_ci(_fractions(frame, kept, counts)[0])
     row.update(ceiling_fraction=point, ci_low=low, ci_high=high, mean_auc=mean_auc, mean_bound=mean_bound)
     return row
 
@@ -81,12 +89,7 @@ def paired_difference(predictions_a: pd.DataFrame, predictions_b: pd.DataFrame, 
     frame_b, markers_b = _wide(predictions_b, oracle)
     shared = frame_a.index.intersection(frame_b.index)
     frame_a, frame_b = frame_a.loc[shared], frame_b.loc[shared]
-    kept = []
-    for m in (m for m in markers_a if m in markers_b):
-        y = frame_a[("y", m)].to_numpy(float)
-        bound = bootstrap.auc(y, frame_a[("bound", m)].to_numpy(float), np.ones((1, len(y))))[0]
-        if (y == 1).any() and (y == 0).any() and bound > 0.5:
-            kept.append(m)
+    kept, _ = _scored_markers(frame_a, [m for m in markers_a if m in markers_b])
     out = {"a": np.nan, "b": np.nan, "delta": np.nan, "ci_low": np.nan, "ci_high": np.nan, "p_value": np.nan,
            "n_test": len(shared), "markers": ",".join(kept)}
     if not kept:
@@ -94,10 +97,7 @@ def paired_difference(predictions_a: pd.DataFrame, predictions_b: pd.DataFrame, 
     ys = [frame_a[("y", m)].to_numpy(float) for m in kept]
 
     def fraction(frame: pd.DataFrame, counts: np.ndarray) -> np.ndarray:
-        aucs = np.stack([bootstrap.auc(y, frame[("score", m)].to_numpy(float), counts) for y, m in zip(ys, kept)])
-        bounds = np.stack([bootstrap.auc(y, frame[("bound", m)].to_numpy(float), counts) for y, m in zip(ys, kept)])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.mean((aucs - 0.5) / (bounds - 0.5), axis=0)
+        return _fractions(frame, kept, counts)[0]
 
     full = np.ones((1, len(shared)), dtype=np.int64)
     counts = bootstrap.draw(len(shared), n_boot, seed, clusters=frame_a[("patient", "")].to_numpy(), both_classes=ys)

@@ -227,13 +227,17 @@ def _provenance_html(record: dict[str, Any]) -> str:
             f"{html.escape(json.dumps(record.get('config'), indent=1))}</pre></details>")
 
 
+def _metrics_table(run_dir: Path, name: str) -> pd.DataFrame | None:
+    """``metrics/<name>.csv`` of a run, or None when it is missing or empty."""
+    path = RunLayout(run_dir).metrics(name)
+    table = pd.read_csv(path) if path.is_file() else None
+    return None if table is None or table.empty else table
+
+
 def _models_html(run_dir: Path) -> str:
     """The report's first table: every fine-tuned model and baseline against the ceiling (``metrics/ceiling.csv``)."""
-    path = RunLayout(run_dir).metrics("ceiling")
-    if not path.is_file():
-        return ""
-    table = pd.read_csv(path)
-    if table.empty:
+    table = _metrics_table(run_dir, "ceiling")
+    if table is None:
         return ""
     kind = np.select([table["objective"] == "probe", table["objective"] == "scratch", table["backbone"] == "handcrafted"],
                      ["linear probe (frozen embedding)", "from scratch (random init, fine-tuned)", "handcrafted features"],
@@ -252,11 +256,8 @@ def _models_html(run_dir: Path) -> str:
 
 
 def _comparisons_html(run_dir: Path) -> str:
-    path = RunLayout(run_dir).metrics("baseline_comparisons")
-    if not path.is_file():
-        return ""
-    table = pd.read_csv(path)
-    if table.empty:
+    table = _metrics_table(run_dir, "baseline_comparisons")
+    if table is None:
         return ""
     text = pd.DataFrame({
         "backbone": table["backbone"], "fine-tuned with": table["objective"], "against": table["baseline"],
