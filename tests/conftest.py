@@ -1,6 +1,11 @@
-"""Shared test fixtures."""
+"""Shared test fixtures: one thread for tiny models, and one smoke cohort (with its preprocessing cache) per run."""
+from pathlib import Path
+
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
 
 
 @pytest.fixture()
@@ -11,3 +16,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def smoke_workspace(tmp_path_factory) -> dict[str, str]:
+    """Config overrides that point ``cohort.data_dir`` and ``preprocessing.cache_dir`` at folders shared by the
+    whole test run: the smoke cohort is generated (and preprocessed) once, by whichever test needs it first.
+    Tests must not modify it; a test that needs its own cohort generates one under its ``tmp_path``."""
+    base = tmp_path_factory.mktemp("smoke-workspace")
+    return {"cohort.data_dir": str(base / "data"), "preprocessing.cache_dir": str(base / "cache")}
+
+
+@pytest.fixture(scope="session")
+def smoke_cohort(smoke_workspace) -> Path:
+    """The folder of the shared smoke cohort (``manifest.csv``, images, oracle), generated on first use."""
+    from nrfm.config_loading import load_config  # test-collection time stays free of the library's imports
+    from nrfm.pipeline.context import ensure_cohort
+
+    return ensure_cohort(load_config(SMOKE, smoke_workspace), progress=False).parent

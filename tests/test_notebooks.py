@@ -26,10 +26,9 @@ TIMING_COLUMNS = {"volumes_per_s", "seconds", "wall_seconds", "epoch_seconds"}  
 
 
 @pytest.fixture(scope="session")
-def hermetic(tmp_path_factory):
-    """Data and cache folders private to this test session (shared by its runs)."""
-    base = tmp_path_factory.mktemp("nrfm")
-    return {"cohort.data_dir": str(base / "data"), "preprocessing.cache_dir": str(base / "cache")}, base
+def hermetic(tmp_path_factory, smoke_workspace):
+    """The test run's shared smoke cohort and cache (tests/conftest.py); reports in a folder of this module."""
+    return dict(smoke_workspace), tmp_path_factory.mktemp("nrfm")
 
 
 @pytest.fixture(scope="session")

@@ -19,11 +19,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def smoke_ctx(tmp_path_factory):
-    base = tmp_path_factory.mktemp("cohort")
-    cfg = load_config(ROOT / "configs" / "smoke.yaml", {"cohort.data_dir": str(base / "data"),
-                                                         "preprocessing.cache_dir": str(base / "cache")})
-    return open_run(cfg, base / "run", progress=False)
+def smoke_ctx(tmp_path_factory, smoke_workspace):
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", smoke_workspace)
+    return open_run(cfg, tmp_path_factory.mktemp("cohort") / "run", progress=False)
 
 
 def test_site_effects_present_raw_and_much_smaller_after_preprocessing(smoke_ctx):

@@ -29,10 +29,9 @@ COMMON = ("mgmt", "idh", "egfr", "tp53", "cdkn2ab", "tert")
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth") / "smoke"
-    generate_cohort(out, profile="smoke", seed=0, progress=False, workers=2)
-    return out
+def cohort(smoke_cohort) -> Path:
+    """The test run's shared smoke cohort (tests/conftest.py), generated with the default workers."""
+    return smoke_cohort
 
 
 @pytest.fixture(scope="module")
