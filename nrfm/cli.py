@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "plain fp32 baseline, achieved FLOP/s against the matmul rate, data loading "
                                    "against training, and pipeline wall time / peak memory.")
     p.add_argument("--parts", nargs="+", default=["throughput", "flops", "loader"],
-                   choices=("throughput", "flops", "loader", "scaling", "smoke", "default", "soak"),
+                   choices=("throughput", "flops", "loader", "scaling", "smoke", "default", "synth", "soak"),
                    help="what to measure (default: throughput flops loader; smoke/default run whole pipelines)")
     p.add_argument("--out", default="benchmarks/results", help="folder for <date>.json")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (for tests)")

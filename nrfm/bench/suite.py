@@ -12,6 +12,7 @@ Parts (``run_benchmarks(parts=...)``):
   step's dtype (bf16 when autocast is on) on the same threads.
 * ``loader``: volumes/s the nrfm DataLoader delivers on its own against what the fast training step
   consumes (batch size over the median time of a step on fixed views, i.e. with data loading taken out).
+* ``synth``: wall time of writing the default synthetic cohort from scratch.
 * ``smoke`` / ``default`` / ``scaling`` / ``soak``: wall time and memory of whole pipelines, of one
   pretraining epoch at 1x, 2x, 4x cohort size, and of three pipelines in one process
   (:mod:`nrfm.bench.pipelines`).
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 
 from nrfm.bench.pipelines import pipeline, scaling, soak
@@ -43,6 +45,7 @@ from nrfm.models.backbones import build_backbone
 from nrfm.pipeline.context import open_run
 from nrfm.pipeline.workspace import resolve_config_file, workspace_root
 from nrfm.ssl import build_method
+from nrfm.synth.generate import generate_cohort
 from nrfm.ssl.views import EpochSampler, SampleViews, ViewDataset, view_recipe
 from nrfm.train.monitor import autocast_context
 from nrfm.train.pretrain import configure_threads, make_loader, train_method
@@ -305,6 +308,13 @@ def run_benchmarks(parts: Sequence[str] = ("throughput", "flops", "loader"), out
                 record[f"{name}_run_seconds"] = details[name]["seconds"]
     if "scaling" in parts:
         details["scaling"] = scaling(config, base=16 if quick else 40)
+    if "synth" in parts:  # the default synthetic cohort, written from scratch (both scenarios cost the same)
+        with tempfile.TemporaryDirectory() as tmp:
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            result = generate_cohort(Path(tmp) / "cohort", profile="default", seed=0, progress=False)
+            details["synth"] = {"exams": int(len(pd.read_csv(result.manifest_path))),
+                                "cpu_seconds": time.process_time() - cpu0}
+            record["synth_default_seconds"] = time.perf_counter() - t0
     if "soak" in parts:
         details["soak"] = soak(pipelines=not quick)
     record["machine"]["load_average_1m_end"] = os.getloadavg()[0]
