@@ -370,3 +370,22 @@ def test_successive_halving_trains_only_the_leader_to_the_end(tmp_path):
     assert chosen["val_worst_group_loss"].iloc[0] <= others["val_worst_group_loss"].min()
     history = read_history(ctx, "byol", "dro")["folds"]["pooled"]
     assert [e["epoch"] for e in history["epochs"]] == [1, 2, 3, 4]
+
+
+def test_scratch_baseline_is_fine_tuned_like_the_model_and_written_under_its_own_label(tmp_path):
+    """The from-scratch baseline: a seeded random-init backbone of the method's architecture, the same
+    fine-tuning (ERM, same settings), results under objective ``scratch``, and no model files that later
+    stages could mistake for the fine-tuned pretrained backbone."""
+    from nrfm.config import PretrainingConfig
+    from nrfm.eval.baselines import run_scratch_baseline
+
+    ctx = fake_context(tmp_path, mode="linear")
+    ctx.config = ctx.config.replace(pretraining=PretrainingConfig(cnn_width=8))
+    first = run_scratch_baseline(ctx, "byol", "pooled", progress=False)
+    assert first.objective == "scratch" and ctx.layout.predictions("byol", "scratch", "pooled").is_file()
+    assert not list(ctx.layout.checkpoints_dir().glob("*/finetune_*.pt"))
+    assert not ctx.layout.embeddings("byol", "pretrained").exists()
+    assert set(ctx.read_metrics("molecular")["objective"]) == {"scratch"}
+    assert read_history(ctx, "byol", "scratch")["trained_with"] == "erm"
+    again = run_scratch_baseline(ctx, "byol", "pooled", progress=False)  # seeded by the run's seed
+    pd.testing.assert_frame_equal(first.metrics.reset_index(drop=True), again.metrics.reset_index(drop=True))
