@@ -127,15 +127,16 @@ def assign_splits(df: pd.DataFrame, seed: int, endpoint: str = "idh",
 
 # ------------------------------------------------------------------------------------------- small groups
 # The rule for groups too small to split or to weight, in one place (validate warns with it, assign_splits
-# follows it, the DRO grouping can call small_groups):
+# follows it, nrfm.train.finetune_data.build_groups applies the group part):
 #   * a site with fewer than MIN_SPLIT_PATIENTS patients cannot have a train, a validation and a test patient:
 #     it is kept for evaluation only (every exam of it goes to the test split; it is never trained on);
 #   * a (site, class) group of an endpoint with fewer than MIN_GROUP_TRAIN training exams is too small to
-#     weight: it is left out of the DRO grouping (its exams still count in the ERM mean).
+#     weight on its own: it is merged with the other small groups of the endpoint and class (still trained on).
 MIN_SPLIT_PATIENTS = 3
 MIN_GROUP_TRAIN = 3
 EVALUATION_ONLY = "kept for evaluation only: all its exams go to the test split and it is never trained on"
-NOT_WEIGHTED = "left out of the DRO grouping (too few to weight; its exams still count in the ERM mean)"
+NOT_WEIGHTED = ("merged with the other small groups of the same endpoint and class into one group (too few to "
+                "weight alone; its exams are still trained on and scored)")
 
 
 def evaluation_only_sites(df: pd.DataFrame, min_patients: int = MIN_SPLIT_PATIENTS) -> list[str]:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from nrfm.config import CONTINUOUS_ENDPOINTS, FinetuningConfig
+from nrfm.data.splits import MIN_GROUP_TRAIN
 from nrfm.errors import CheckpointError, DataError, TrainingError
 from nrfm.eval.metrics import binarize, rank_auc, youden_threshold
 from nrfm.files import atomic_torch_save, safe_torch_load
@@ -97,8 +98,14 @@ class GroupSpec:
 
 
 def build_groups(frame: pd.DataFrame, endpoints: Sequence[str], train_rows: np.ndarray, grouping: str,
-                 cuts: Mapping[str, float]) -> GroupSpec:
-    """Enumerate the groups present in the training labels and index every (row, endpoint) label."""
+                 cuts: Mapping[str, float], min_train: int = MIN_GROUP_TRAIN) -> GroupSpec:
+    """Enumerate the groups present in the training labels and index every (row, endpoint) label.
+
+    The small-group rule of :mod:`nrfm.data.splits` (what ``nrfm validate`` announces): a (site, class) group
+    with fewer than ``min_train`` training labels is too small to weight on its own, so it is merged with the
+    other small groups of the same endpoint and class into ``<endpoint>|small|<class>``. Its labels still
+    train every objective and are still scored; only the group weighting changes.
+    """
     if grouping not in GROUPINGS:
         raise ValueError(f"unknown grouping {grouping!r}; valid: {list(GROUPINGS)}")
     sites = frame["site"].astype(str).to_numpy()
@@ -113,6 +120,16 @@ def build_groups(frame: pd.DataFrame, endpoints: Sequence[str], train_rows: np.n
                 site = sites[i] if grouping != "class" else "*"
                 label = str(int(cls[i])) if grouping != "site" else "*"
                 keys[i, j] = f"{endpoint}|{site}|{label}"
+    if grouping == "site_class" and min_train > 1:
+        tally_all: dict[str, int] = {}
+        for k in keys[in_train].ravel():
+            if k is not None:
+                tally_all[k] = tally_all.get(k, 0) + 1
+        small = {k for k, n in tally_all.items() if n < min_train}
+        for i, j in np.ndindex(keys.shape):
+            if keys[i, j] in small:
+                endpoint, _, label = keys[i, j].split("|")
+                keys[i, j] = f"{endpoint}|small|{label}"
     train_keys = [k for k in keys[in_train].ravel() if k is not None]
     names = sorted(set(train_keys), key=lambda k: (list(endpoints).index(k.split("|")[0]), k))
     position = {name: g for g, name in enumerate(names)}

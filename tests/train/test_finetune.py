@@ -78,7 +78,8 @@ def test_unknown_labels_are_masked_from_the_loss():
 
 def test_groups_are_endpoint_site_class_from_training_labels(tmp_path):
     frame = pd.DataFrame({"site": ["A", "A", "B", "B", "B"], "idh": [1, 0, 1, np.nan, 0], "ki67": [2, 30, 50, 1, 3]})
-    spec = build_groups(frame, ("idh", "ki67"), np.array([0, 1, 2, 3]), "site_class", CUTS)
+    spec = build_groups(frame, ("idh", "ki67"), np.array([0, 1, 2, 3]), "site_class", CUTS,
+                        min_train=1)  # enumeration only: the small-group merge has its own test
     assert spec.names == ["idh|A|0", "idh|A|1", "idh|B|1", "ki67|A|0", "ki67|A|1", "ki67|B|0", "ki67|B|1"]
     assert spec.counts.tolist() == [1, 1, 1, 1, 1, 1, 1]
     assert spec.index[3, 0] == -1  # unknown label
@@ -311,7 +312,7 @@ def test_frozen_feature_cache_is_keyed_by_spacing_and_input_content(tmp_path):
     torch.testing.assert_close(after[0:1], expected, rtol=1e-4, atol=1e-4)
 def test_worst_group_loss_is_the_mean_over_endpoints_of_each_worst_group():
     frame = pd.DataFrame({"site": ["A", "A", "B", "B"], "idh": [1, 0, 1, 0], "ki67": [1.0, 20.0, 2.0, 40.0]})
-    groups = build_groups(frame, ("idh", "ki67"), np.arange(4), "site_class", CUTS)
+    groups = build_groups(frame, ("idh", "ki67"), np.arange(4), "site_class", CUTS, min_train=1)
     assert groups.task_names == ["idh", "ki67"] and groups.task.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
     index = groups.index.flatten()
     losses = torch.tensor([0.1, 5.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])  # row-major (row, endpoint)
@@ -389,3 +390,16 @@ def test_scratch_baseline_is_fine_tuned_like_the_model_and_written_under_its_own
     assert read_history(ctx, "byol", "scratch")["trained_with"] == "erm"
     again = run_scratch_baseline(ctx, "byol", "pooled", progress=False)  # seeded by the run's seed
     pd.testing.assert_frame_equal(first.metrics.reset_index(drop=True), again.metrics.reset_index(drop=True))
+
+
+def test_small_groups_are_merged_as_validate_announces():
+    """A (site, class) group with fewer than MIN_GROUP_TRAIN training labels joins <endpoint>|small|<class>."""
+    from nrfm.data.splits import MIN_GROUP_TRAIN
+
+    frame = pd.DataFrame({"site": ["A"] * 6 + ["B", "C"], "idh": [1, 1, 1, 0, 0, 0, 1, 1]})
+    groups = build_groups(frame, ("idh",), np.arange(8), "site_class", CUTS)
+    assert MIN_GROUP_TRAIN == 3 and groups.names == ["idh|A|0", "idh|A|1", "idh|small|1"]
+    assert groups.counts.tolist() == [3, 3, 2]
+    assert groups.index[6, 0] == groups.index[7, 0] == 2  # still trained on, in the merged group
+    unmerged = build_groups(frame, ("idh",), np.arange(8), "site_class", CUTS, min_train=1)
+    assert unmerged.names == ["idh|A|0", "idh|A|1", "idh|B|1", "idh|C|1"]
