@@ -386,7 +386,7 @@ def test_site_with_one_exam_is_a_warning_naming_it_and_evaluation_only(capsys, t
     assert [w for w in warnings if f"{path}:10:site: site 'TINY' has 1 patient" in w
             and "kept for evaluation only" in w], run_cli.stdout
     # (site, class) groups too small to weight are named too, with what happens to them
-    assert [w for w in warnings if ":idh: site 'A', idh=" in w and "left out of the DRO grouping" in w], run_cli.stdout
+    assert [w for w in warnings if ":idh: site 'A', idh=" in w and "merged with the other small groups" in w], run_cli.stdout
     df = assign_splits(read_manifest(path), seed=0)
     assert df.loc[df["site"] == "TINY", "split"].tolist() == ["test"]  # the split assignment follows the rule
     table = small_groups(df, "idh")
