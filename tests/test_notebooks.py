@@ -99,8 +99,12 @@ def test_metrics_follow_the_contract(smoke_run):
         assert list(frame.columns[: len(columns)]) == columns, name
         assert len(frame) > 0, name
     molecular = pd.read_csv(metrics / "molecular.csv")
-    assert set(molecular["backbone"]) == {"byol", "dino", "mae", "moco"}
-    assert set(molecular["objective"]) >= {"erm", "dro"} and set(molecular["protocol"]) == {"pooled", "loso"}
+    # the fine-tuned backbones and the baselines (handcrafted features; probe and scratch as objectives)
+    assert set(molecular["backbone"]) == {"byol", "dino", "mae", "moco", "handcrafted"}
+    assert set(molecular["objective"]) == {"erm", "reweighted", "dro", "probe", "scratch"}
+    assert set(molecular["protocol"]) == {"pooled", "loso"}
+    ceiling = pd.read_csv(metrics / "ceiling.csv")
+    assert {"ceiling_fraction", "ci_low", "ci_high"} <= set(ceiling) and len(ceiling) == 4 * 5 + 1
     assert {"all", "worst"} <= set(molecular["site"])
     # a missing metric is always explained
     binary = molecular[molecular["endpoint"].isin(["mgmt", "idh"]) & molecular["auc"].isna()]
