@@ -234,13 +234,13 @@ def percentile_ci(values: np.ndarray, alpha: float = 0.05) -> tuple[float, float
     return float(low), float(high)
 
 
-def p_greater_than_zero(deltas: np.ndarray) -> float:
-    """One-sided bootstrap p-value for "difference > 0": ``(1 + #{delta_b <= 0}) / (B + 1)``; NaN if any
-    resample is undefined."""
+def p_greater_than_zero(deltas: np.ndarray, margin: float = 0.0) -> float:
+    """One-sided bootstrap p-value for "difference > margin" (0 unless a smallest effect of interest is given):
+    ``(1 + #{delta_b <= margin}) / (B + 1)``; NaN if any resample is undefined."""
     deltas = np.asarray(deltas, dtype=float)
     if len(deltas) == 0 or not np.isfinite(deltas).all():
         return float("nan")
-    return float((1 + np.sum(deltas <= 0)) / (len(deltas) + 1))
+    return float((1 + np.sum(deltas <= margin)) / (len(deltas) + 1))
 
 
 def resamples_for_holm(family_size: int, alpha: float) -> int:

@@ -159,7 +159,8 @@ def _comparison_row(claim: ClaimSpec, backbone: str, tested: str, baseline: str,
     paper_erm, paper_dro = paper if paper else (claim.paper_erm, claim.paper_dro)
     p_value = float("nan")
     if len(result.get("deltas", [])):
-        p_value = bootstrap.p_greater_than_zero(claim.direction * np.asarray(result["deltas"], dtype=float))
+        p_value = bootstrap.p_greater_than_zero(claim.direction * np.asarray(result["deltas"], dtype=float),
+                                                margin=claim.margin)
     if result.get("log10_distinct", np.inf) < np.log10(min_distinct):
         # the data-derived minimum sample (module rule 3): too few patients per stratum for any decision
         p_value = float("nan")
@@ -168,7 +169,7 @@ def _comparison_row(claim: ClaimSpec, backbone: str, tested: str, baseline: str,
                                      "for a decision") if n)
     gain_known = baseline == "erm" and paper_erm is not None and np.isfinite(paper_erm)
     return {"claim": claim.text, "claim_key": claim.key, "backbone": backbone, "comparison": f"{tested}-{baseline}",
-            "objective": tested, "site": site, "metric": claim.metric,
+            "objective": tested, "site": site, "metric": claim.metric, "margin": claim.margin,
             "paper_erm": paper_erm if baseline == "erm" else np.nan,
             "paper_dro": paper_dro if baseline == "erm" else np.nan,
             "paper_delta": claim.direction * (paper_dro - paper_erm) if gain_known else np.nan,

@@ -25,6 +25,11 @@ as data that the notebooks print (:func:`rule_table`, :func:`wording_table`):
    product over strata of C(2k-1, k) for k patients) than family size / ``ALPHA``, the resolution Holm needs
    (about five patients per class and stratum for a family of ~70). An undefined resample (no comparable
    pair, one class) makes the CI and p NaN ("not evaluable"); it is never dropped.
+3b. **A smallest effect of interest.** A gain is a difference larger than the claim's margin
+   (:data:`MARGINS`: 0.01 of AUC, balanced accuracy, c-index or silhouette width, fixed before any run): the p-value
+   is for "gain > margin", ``(1 + #{direction * delta_b <= margin}) / (B + 1)``, so that on hundreds of test
+   subjects a real but negligible difference is not declared a gain. The margin is the ``margin`` column of
+   ``verdicts.csv``; Grad-CAM tests enrichment against its controls with no margin.
 4. **Attribution.** A gain is attributed to DRO (row ``comparison = dro vs erm+reweighted``) only when DRO beats
    ERM AND beats reweighted, both Holm-adjusted (intersection-union test: its p is the larger adjusted p). A
    run without a reweighted model (older configs) says so and attributes on DRO - ERM alone.
@@ -50,6 +55,10 @@ from nrfm.eval import bootstrap
 ALPHA = 0.025  # one-sided, family-wise (Holm)
 COMPARISONS = (("dro", "erm"), ("dro", "reweighted"))  # (objective tested, baseline): gain = first - second
 ATTRIBUTION = "dro vs erm+reweighted"
+# Smallest effects of interest, fixed before any run (rule 3b): one point of AUC, balanced accuracy or c-index,
+# and 0.01 of silhouette width. Without them a paired test over ~480 subjects calls a site-mixing difference of
+# 0.0003 "a gain" (the no-shift control of 2026-12-01 did exactly that).
+MARGINS = {"auc": 0.01, "bacc": 0.01, "c_index": 0.01, "silhouette": 0.01, "cam": 0.0}
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,11 @@ class ClaimSpec:
     paper_erm: float | None = None
     paper_dro: float | None = None
     direction: int = 1  # +1: higher is better; -1: lower is better (silhouette)
+
+    @property
+    def margin(self) -> float:
+        """The smallest effect of interest (rule 3b): a gain is declared only where it exceeds this."""
+        return MARGINS[self.metric]
 
     @property
     def paper_gain(self) -> float | None:
@@ -106,14 +120,15 @@ TONE = {"planted gain detected": "good", "no gain where none was planted": "good
 VERDICTS = frozenset(WORDING.values()) | {"not reproduced", "not evaluable", "no paired data", "lesion focus shown",
                                           "lesion focus not shown"}
 VERDICT_COLUMNS = ["claim", "claim_key", "backbone", "comparison", "objective", "site", "metric", "scenario",
-                   "paper_erm", "paper_dro", "paper_delta", "baseline", "value", "delta", "ci_low", "ci_high",
+                   "margin", "paper_erm", "paper_dro", "paper_delta", "baseline", "value", "delta", "ci_low", "ci_high",
                    "p_value", "adjusted_p", "gain_declared", "verdict", "control", "oracle", "n_test", "n_boot",
                    "note"]
 
 
 def rule_table() -> pd.DataFrame:
     """The claim specs as a table (what is tested, where, against which paper numbers)."""
-    frame = pd.DataFrame([{**asdict(c), "endpoints": ", ".join(c.endpoints), "paper_gain": c.paper_gain}
+    frame = pd.DataFrame([{**asdict(c), "endpoints": ", ".join(c.endpoints), "margin": c.margin,
+                           "paper_gain": c.paper_gain}
                           for c in CLAIMS])
     frame["test"] = frame["kind"].map({
         "molecular": "paired bootstrap of the mean metric over the endpoints, per comparison; Holm",

@@ -261,9 +261,12 @@ def gradcam_layer_description(cfg: Config, method: str) -> str:
 def verdict_rules_description() -> str:
     """The decision constants of :mod:`nrfm.eval.claims`, for the summary notebook."""
     comparisons = ", ".join(f"{a} - {b}" for a, b in claims.COMPARISONS)
-    return (f"**Decision rule** (`nrfm/eval/claims.py`): paired comparisons {comparisons}; Holm step-down "
-            f"adjustment over every test of the run; a gain is declared where the adjusted one-sided p < "
-            f"{claims.ALPHA:g} (before adjustment the same as a 95% CI above 0); attribution to DRO "
+    margins = ", ".join(f"{metric} {value:g}" for metric, value in claims.MARGINS.items() if value)
+    return (f"**Decision rule** (`nrfm/eval/claims.py`): paired comparisons {comparisons}; a gain is a "
+            f"difference larger than the claim's smallest effect of interest, fixed in advance ({margins}; the "
+            f"`margin` column), tested one-sided; Holm step-down adjustment over every test of the run; a gain is "
+            f"declared where the adjusted p < {claims.ALPHA:g} (before adjustment the same as a 95% CI above the "
+            f"margin); attribution to DRO "
             f"(`{claims.ATTRIBUTION}`) needs both comparisons (the larger of the two adjusted p). No fixed minimum "
             f"sample size: a comparison is *not evaluable* when its resampling scheme has fewer distinct resamples "
             f"than family size / {claims.ALPHA:g} (about five patients per class and stratum), or when a resample "

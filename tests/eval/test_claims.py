@@ -309,3 +309,34 @@ def test_a_degenerate_bootstrap_is_not_evaluable():
     claim = claims.CLAIMS[2]
     row = claim_rows._comparison_row(claim, "byol", "dro", "erm", "Small", result, 200, min_distinct=2880)
     assert np.isnan(row["p_value"]) and "distinct resamples" in row["note"]
+
+
+@pytest.mark.parametrize("key", ["site_mixing", "auc_rare_site"])
+def test_a_negligible_difference_is_not_a_gain(key):
+    """Rule 3b: on the no-shift control a silhouette difference of 0.0003 with a CI excluding 0 was declared
+    a gain; a difference below the claim's margin must not be, a difference well above it must."""
+    claim = next(c for c in claims.CLAIMS if c.key == key)
+    assert claim.margin > 0
+    rng = np.random.default_rng(0)
+    rows = []
+    for backbone, gain in (("tiny", 0.03 * claim.margin), ("large", 5 * claim.margin)):
+        deltas = claim.direction * (gain + rng.normal(0, 0.005 * claim.margin, 999))  # CIs exclude 0
+        result = {"a": 0.5, "b": 0.5 + claim.direction * gain, "delta": claim.direction * gain,
+                  "ci_low": float(np.percentile(deltas, 2.5)), "ci_high": float(np.percentile(deltas, 97.5)),
+                  "n": 480, "deltas": deltas}
+        assert bootstrap.p_greater_than_zero(claim.direction * deltas) < 0.01  # the margin-free test: "gain"
+        for baseline in ("erm", "reweighted"):
+            rows.append(claim_rows._comparison_row(claim, backbone, "dro", baseline, "all", result, 999))
+    table = claims.decide(pd.DataFrame(rows), "no-shift").set_index(["backbone", "comparison"])
+    assert (table["margin"] == claim.margin).all()
+    assert table.loc[("tiny", "dro-erm"), "verdict"] == "no gain where none was planted"
+    assert table.loc[("tiny", "dro-erm"), "p_value"] == 1.0
+    assert table.loc[("large", "dro-erm"), "verdict"] == "gain reported where none was planted"
+    assert table.loc[("large", claims.ATTRIBUTION), "gain_declared"]
+
+
+def test_bootstrap_p_value_against_a_margin():
+    deltas = np.linspace(-0.01, 0.03, 401)
+    for margin in (0.0, 0.01, 0.02):
+        assert bootstrap.p_greater_than_zero(deltas, margin=margin) == pytest.approx(
+            (1 + sum(d <= margin for d in deltas)) / (len(deltas) + 1))
