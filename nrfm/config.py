@@ -214,6 +214,10 @@ class FinetuningConfig:
     batch_size: int = 16
     lr: float = 1e-3
     backbone_lr_scale: float = 0.1  # trained backbone part (partial: last stage; full: all) at lr * this
+    # linear probing, then fine-tuning (LP-FT, Kumar et al. 2022): the first head_epochs of `epochs` train the heads
+    # alone on the frozen embedding (cached once), so that the backbone part then starts from fitted heads and the
+    # selection can keep a heads-only epoch; 0 = the backbone part trains from the first epoch
+    head_epochs: int = 0
     weight_decay: float = 1e-4  # AdamW weight decay when search_weight_decay is empty
     dro_groups: str = "site_class"  # site_class | site | class (within each endpoint)
     dro_eta: float = 0.01  # step size of the exponentiated-gradient update of q, when search_dro_eta is empty
@@ -253,6 +257,8 @@ class FinetuningConfig:
                  f"unknown mode {self.mode!r}; valid: ['partial', 'full', 'linear']")
         _require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         _require(self.batch_size >= 2, "batch_size", f"must be >= 2, got {self.batch_size}")
+        _require(0 <= self.head_epochs <= self.epochs, "head_epochs",
+                 f"must be between 0 and epochs ({self.epochs}), got {self.head_epochs}")
         _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _require(self.backbone_lr_scale >= 0, "backbone_lr_scale", "must be >= 0")
         _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
@@ -292,6 +298,9 @@ class AnalysesConfig:
     # threshold, the usual reading of Grad-CAM), positive (the endpoint's logit) or negative (minus the logit)
     gradcam_class: str = "predicted"
     gradcam_subjects_per_site: int = 3
+    # test subjects scored per site for the enrichment and its controls (a seeded sample drawn before any map is
+    # made, the same for every backbone and objective); 0 = every test subject
+    gradcam_max_subjects_per_site: int = 0
     peritumoral_margin_mm: float = 10.0
     site_probe_folds: int = 5  # stratified CV folds of the site probe (capped by the smallest site)
     umap_neighbors: int = 15  # capped at n_subjects - 1 for small test sets
@@ -328,6 +337,7 @@ class AnalysesConfig:
         _require(self.gradcam_class in GRADCAM_CLASSES, "gradcam_class",
                  f"unknown class {self.gradcam_class!r}; valid: {list(GRADCAM_CLASSES)}")
         _require(self.gradcam_subjects_per_site >= 1, "gradcam_subjects_per_site", "must be >= 1")
+        _require(self.gradcam_max_subjects_per_site >= 0, "gradcam_max_subjects_per_site", "must be >= 0")
         _require(self.peritumoral_margin_mm > 0, "peritumoral_margin_mm", "must be > 0")
         _require(self.loso_pretrain in ("unseen_only", "exclude"), "loso_pretrain",
                  f"unknown value {self.loso_pretrain!r}; valid: ['unseen_only', 'exclude']")

@@ -19,12 +19,7 @@ rule of the fine-tuned models, so the comparison is like for like. Test labels a
 The predictions tables have the columns of the fine-tuning stage's ``predictions_*.csv`` (subject_id,
 patient_id, site, split, fold, endpoint, y_true, y_score, threshold, seed), so
 :func:`nrfm.eval.metrics.molecular_table` turns them into ``molecular.csv`` rows like any other model's.
-
-Usage (after fine-tuning has written the pretrained embeddings)::
-
-    from nrfm.eval.baselines import run_baseline_stage
-    run_baseline_stage(ctx, "handcrafted", "pooled")   # predictions_handcrafted_erm_pooled.csv
-    run_baseline_stage(ctx, "dino", "loso")            # predictions_dino_probe_loso.csv
+Usage, after fine-tuning: ``run_baseline_stage(ctx, "dino", "loso")`` writes predictions_dino_probe_loso.csv.
 """
 from __future__ import annotations
 
@@ -46,6 +41,7 @@ from nrfm.files import atomic_write_csv, atomic_write_json
 from nrfm.models.backbones import build_backbone
 from nrfm.train import finetune
 from nrfm.train.finetune_data import cuts_of
+from nrfm.train.fingerprints import weights_sha256
 from nrfm.train.pretrain import pretraining_subjects
 
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
@@ -418,22 +414,29 @@ def ceiling_fraction_of_predictions(predictions: pd.DataFrame, bounds: Mapping[s
     return ceiling_fraction(auc_by_marker(predictions, site), bounds)
 
 
-def run_scratch_baseline(ctx, method: str, protocol: str, progress: bool = True):
+def run_scratch_baseline(ctx, method: str, protocol: str, progress: bool = True, done: dict | None = None):
     """The from-scratch baseline: ``method``'s architecture randomly initialised (seeded by the run's seed) and
     fine-tuned exactly like the pretrained backbone (ERM, same mode, grid, budget and selection); results under
     objective ``scratch``. In partial mode the frozen stages keep their random weights, so the comparison with
-    the fine-tuned pretrained backbone measures what pretraining puts into them."""
+    the fine-tuned pretrained backbone measures what pretraining puts into them. ``done`` (weights sha256 ->
+    method) lets methods with an identical random network (BYOL, DINO, MoCo) share one fit."""
     torch.manual_seed(ctx.config.seed)
     size = tuple(ctx.dataset(progress=progress)[0]["image"].shape[1:])
     backbone = build_backbone(method, ctx.config.pretraining, size)
-    return finetune.run_finetune_stage(ctx, method, "erm", protocol, progress=progress, backbone=backbone,
-                                       label="scratch")
+    key = (protocol, weights_sha256(backbone))
+    if done is not None and key in done:
+        return finetune.reuse_stage_outputs(ctx, done[key], method, "scratch", protocol)
+    result = finetune.run_finetune_stage(ctx, method, "erm", protocol, progress=progress, backbone=backbone,
+                                         label="scratch")
+    if done is not None:
+        done[key] = method
+    return result
 
 
 def run_baselines(ctx, methods: Sequence[str], protocols: Sequence[str], progress: bool = True) -> list:
     """The configured baselines of a run (``finetuning.baselines``) for every backbone and protocol."""
     chosen = ctx.config.finetuning.baselines
-    results = []
+    results, scratch_done = [], {}
     for protocol in protocols:
         if "handcrafted" in chosen:
             results.append(run_baseline_stage(ctx, HANDCRAFTED, protocol, progress=progress))
@@ -441,5 +444,5 @@ def run_baselines(ctx, methods: Sequence[str], protocols: Sequence[str], progres
             if "probe" in chosen:
                 results.append(run_baseline_stage(ctx, method, protocol, progress=progress))
             if "scratch" in chosen:
-                results.append(run_scratch_baseline(ctx, method, protocol, progress=progress))
+                results.append(run_scratch_baseline(ctx, method, protocol, progress=progress, done=scratch_done))
     return results

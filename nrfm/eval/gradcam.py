@@ -354,9 +354,23 @@ def enrichment_view(table: pd.DataFrame, region: str = "lesion") -> pd.DataFrame
     return table[[c for c in columns + ["note"] if c in table]]
 
 
+def scored_test_rows(manifest: pd.DataFrame, per_site: int, seed: int) -> np.ndarray:
+    """Test rows scored by Grad-CAM: all, or a seeded sample of ``per_site`` per site (fixed before any map)."""
+    test_rows = np.where(manifest["split"].to_numpy() == "test")[0]
+    if per_site <= 0:
+        return test_rows
+    rng = np.random.default_rng(seed)
+    sites = manifest["site"].to_numpy()[test_rows]
+    kept = [rng.permutation(test_rows[sites == site])[:per_site] for site in sorted(set(sites))]
+    return np.sort(np.concatenate(kept))
+
+
 def gradcam_table(ctx, methods: Sequence[str], objectives: Sequence[str] | None = None, endpoint: str | None = None,
                   load_model: Callable[..., nn.Module] | None = None, progress: bool = True) -> pd.DataFrame:
     """Grad-CAM localization on the TEST subjects per backbone, objective and site (+ ``all``), with controls.
+
+    The subjects: every test subject, or ``analyses.gradcam_max_subjects_per_site`` per site
+    (:func:`scored_test_rows`).
 
     Args:
         methods: backbones; objectives: default the configured ones among erm, dro.
@@ -370,7 +384,7 @@ def gradcam_table(ctx, methods: Sequence[str], objectives: Sequence[str] | None 
     endpoint = endpoint or ctx.config.analyses.gradcam_endpoint
     objectives = tuple(objectives or [o for o in ("erm", "dro") if o in ctx.config.finetuning.objectives])
     load_model = load_model or load_finetuned_model
-    test_rows = np.where(ctx.manifest["split"].to_numpy() == "test")[0]
+    test_rows = scored_test_rows(ctx.manifest, ctx.config.analyses.gradcam_max_subjects_per_site, seed)
     masks = _test_masks(ctx, test_rows, progress)
     scorable = [int(i) for i in test_rows if np.any(masks[int(i)] > 0)]
     order = mask_derangement(len(scorable), seed)

@@ -212,6 +212,31 @@ def run_finetune_stage(ctx, method: str, objective: str, protocol: str, progress
                           time.perf_counter() - start, notes)
 
 
+def reuse_stage_outputs(ctx, source: str, method: str, name: str, protocol: str) -> FinetuneResult:
+    """Record ``source``'s finished (``name``, ``protocol``) fine-tuning as ``method``'s, without training again.
+
+    Only for a fit whose result cannot differ: the same architecture, the same (random) weights, inputs, settings
+    and seed, as the from-scratch baseline of the ResNet methods (:func:`nrfm.eval.baselines.run_baselines`).
+    Predictions, history (with ``reused_from``), selection rows and ``molecular.csv`` rows are copied, renamed.
+    """
+    start = time.perf_counter()
+    predictions = pd.read_csv(ctx.layout.predictions(source, name, protocol),
+                              dtype={"subject_id": str, "patient_id": str, "site": str, "fold": str})
+    pred_path = atomic_write_csv(ctx.layout.predictions(method, name, protocol), predictions)
+    history = json.loads(ctx.layout.history(source, name, protocol).read_text())
+    atomic_write_json(ctx.layout.history(method, name, protocol), {**history, "method": method, "reused_from": source})
+    selection = ctx.read_metrics("finetune_selection")
+    mine = selection[(selection["backbone"] == source) & (selection["objective"] == name)
+                     & (selection["protocol"] == protocol)]
+    _write_selection(ctx, method, name, protocol, mine.assign(backbone=method).to_dict("records"))
+    molecular = ctx.read_metrics("molecular")
+    table = molecular[(molecular["backbone"] == source) & (molecular["objective"] == name)
+                      & (molecular["protocol"] == protocol)].assign(backbone=method)
+    ctx.write_metrics("molecular", table, key_columns=["backbone", "objective", "protocol", "seed", "site", "endpoint"])
+    return FinetuneResult(method, name, protocol, table, pred_path, history["folds"], None,
+                          time.perf_counter() - start, [f"the same fit as {source}'s (identical network and data)"])
+
+
 # ------------------------------------------------------------------------------------------ pooled models
 def load_finetuned(ctx, method: str, objective: str, backbone: nn.Module | None = None) -> FinetuneModel:
     """The pooled-protocol fine-tuned model of ``method`` and ``objective`` (weights_only load), in eval mode.

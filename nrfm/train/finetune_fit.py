@@ -27,7 +27,11 @@ in :mod:`nrfm.train.samplers`), with the sampler's importance weights in the gro
 * ``linear``: frozen backbone, heads only (embeddings identical to the pretrained ones).
 * ``full``: every backbone weight is trained on the volumes (slow on a CPU; no augmentation).
 
-The backbone is trained at ``lr * backbone_lr_scale``, the heads at ``lr`` (AdamW).
+The backbone is trained at ``lr * backbone_lr_scale``, the heads at ``lr`` (AdamW). With ``head_epochs`` = h > 0
+the first h epochs train the heads alone on the frozen embedding (computed once), the rest train the backbone part
+too (LP-FT, Kumar et al. 2022: fine-tuning from random heads distorts the pretrained features; starting from
+fitted heads keeps what a linear probe finds, and the selection below may keep a heads-only epoch). The heads-only
+epochs use the same objective, batches and grid as the others.
 
 **Model selection** (the same rule for every objective: the fair comparison). Each objective is fitted once
 per point of its regularisation grid (``FinetuningConfig.settings``: weight decay; for group DRO also eta and C),
@@ -184,15 +188,30 @@ class _Training:
                                            weight_decay=cfg.weight_decay, foreach=True)  # one fused update
         self.generator = torch.Generator().manual_seed(seed)
         self.val_targets, self.val_index = self.targets[val_rows].to(device), groups.index[val_rows]
+        self.head_embedding: Tensor | None = None  # frozen embeddings of every row, for the heads-only epochs
         self.history: list[dict[str, Any]] = []
         self.best, self.best_state, self.best_epoch, self.best_worst = (2, np.inf), None, 0, float("nan")
         self.epoch = 0
 
+    def _heads_only(self) -> bool:
+        """Whether the next epoch trains the heads alone (the first ``head_epochs`` epochs)."""
+        return self.epoch < self.cfg.head_epochs
+
+    def _embedding(self, rows: np.ndarray) -> Tensor:
+        """Frozen embeddings of ``rows`` (the backbone part as loaded), computed for every row on first use."""
+        if self.head_embedding is None:
+            self.model.eval()
+            with torch.no_grad():
+                self.head_embedding = apply_in_batches(self.split.tail, self.inputs, self.device, self.cfg.bf16,
+                                                       self.cfg.channels_last).float()
+        return self.head_embedding[rows].to(self.device)
+
     def _train_epoch(self) -> float:
         cfg, model, device, obj = self.cfg, self.model, self.device, self.objective
+        heads_only = self._heads_only()
         model.train()
         model.backbone.eval()  # frozen stages keep their BatchNorm statistics
-        for m in self.split.tail_modules:
+        for m in ([] if heads_only else self.split.tail_modules):
             m.train()
         obj.train()
         n = len(self.train_rows)
@@ -202,9 +221,12 @@ class _Training:
         for batch in batches:
             positions = batch.numpy()
             rows = self.train_rows[positions]
-            x = to_device(self.inputs[rows], device, cfg.channels_last)
-            with autocast(device, cfg.bf16):
-                raw = model.head_outputs(self.split.tail(x)).float()
+            if heads_only:
+                raw = model.head_outputs(self._embedding(rows)).float()
+            else:
+                x = to_device(self.inputs[rows], device, cfg.channels_last)
+                with autocast(device, cfg.bf16):
+                    raw = model.head_outputs(self.split.tail(x)).float()
             losses, known = elementwise_loss(raw, self.targets[rows].to(device), model.is_continuous)
             if losses.numel() == 0:
                 continue
@@ -220,6 +242,9 @@ class _Training:
         return total / max(count, 1)
 
     def _validation_outputs(self) -> Tensor:
+        if self.epoch <= self.cfg.head_epochs and self.head_embedding is not None:  # the backbone part is unchanged
+            with torch.no_grad():
+                return self.model.head_outputs(self._embedding(self.val_rows)).cpu()
         return apply_in_batches(lambda z: self.model.head_outputs(self.split.tail(z)), self.inputs[self.val_rows],
                                 self.device, self.cfg.bf16, self.cfg.channels_last)
 
@@ -234,7 +259,8 @@ class _Training:
             val_losses, val_known = elementwise_loss(raw_val.to(self.device), self.val_targets, self.model.is_continuous)
             worst, per_group = worst_group_loss(val_losses.detach().cpu(), self.val_index[val_known.cpu()], self.groups,
                                                 self.cfg.select_min_group_labels)
-            entry = {"epoch": epoch, "train_loss": train_loss, "val_loss": float(val_losses.mean()),
+            entry = {"epoch": epoch, "phase": "heads" if epoch <= self.cfg.head_epochs else "backbone",
+                     "train_loss": train_loss, "val_loss": float(val_losses.mean()),
                      "val_worst_group_loss": worst, "val_group_loss": per_group}
             if isinstance(self.objective, GroupDRO):
                 entry["q"] = self.objective.q.detach().cpu().tolist()

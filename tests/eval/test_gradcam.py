@@ -331,3 +331,16 @@ def test_predicted_class_follows_the_models_threshold(tmp_path, threshold, expec
         assert overall["lesion_enrichment"] == pytest.approx(1.0)
     else:
         assert overall["n_empty_maps"] == 0 and overall["lesion_enrichment"] > 10
+
+
+def test_scored_test_rows_is_a_fixed_sample_per_site():
+    from nrfm.eval.gradcam import scored_test_rows
+    manifest = pd.DataFrame({"site": ["A"] * 10 + ["B"] * 6 + ["C"] * 4,
+                             "split": (["test"] * 8 + ["train"] * 2) + ["test"] * 6 + ["val"] * 4})
+    everything = scored_test_rows(manifest, 0, seed=0)
+    assert list(everything) == list(np.where(manifest["split"] == "test")[0])
+    sample = scored_test_rows(manifest, 3, seed=0)
+    assert list(sample) == sorted(sample) and set(sample) <= set(everything)
+    assert manifest.iloc[sample]["site"].value_counts().to_dict() == {"A": 3, "B": 3}  # C has no test exam
+    assert list(scored_test_rows(manifest, 3, seed=0)) == list(sample)  # the same for every backbone
+    assert list(scored_test_rows(manifest, 100, seed=0)) == list(everything)

@@ -392,6 +392,34 @@ def test_scratch_baseline_is_fine_tuned_like_the_model_and_written_under_its_own
     pd.testing.assert_frame_equal(first.metrics.reset_index(drop=True), again.metrics.reset_index(drop=True))
 
 
+def test_an_identical_random_network_is_fitted_once_and_the_copy_equals_a_fit(tmp_path, monkeypatch):
+    """BYOL, DINO and MoCo share the ResNet architecture and the run's seed: their from-scratch baselines are
+    one fit, recorded under each name; the copy equals what fitting again gives."""
+    from nrfm.config import PretrainingConfig
+    from nrfm.eval.baselines import run_scratch_baseline
+    from nrfm.train import finetune
+
+    ctx = fake_context(tmp_path, mode="linear")
+    ctx.config = ctx.config.replace(pretraining=PretrainingConfig(cnn_width=8))
+    done = {}
+    run_scratch_baseline(ctx, "byol", "pooled", progress=False, done=done)
+    fits = []
+    monkeypatch.setattr(finetune, "run_finetune_stage", lambda *a, **k: fits.append(a))
+    copied = run_scratch_baseline(ctx, "moco", "pooled", progress=False, done=done)
+    assert not fits and "the same fit as byol" in copied.notes[0]
+    monkeypatch.undo()
+    molecular = ctx.read_metrics("molecular")
+    def rows(frame):
+        return frame.drop(columns="backbone").sort_values(["site", "endpoint"]).reset_index(drop=True)
+
+    byol, moco = (rows(molecular[molecular["backbone"] == m]) for m in ("byol", "moco"))
+    pd.testing.assert_frame_equal(byol, moco)
+    run_scratch_baseline(ctx, "moco", "pooled", progress=False)  # no sharing: a fit of its own
+    molecular = ctx.read_metrics("molecular")
+    pd.testing.assert_frame_equal(rows(molecular[molecular["backbone"] == "moco"]), byol)
+    assert read_history(ctx, "moco", "scratch")["method"] == "moco"
+
+
 def test_small_groups_are_merged_as_validate_announces():
     """A (site, class) group with fewer than MIN_GROUP_TRAIN training labels joins <endpoint>|small|<class>."""
     from nrfm.data.splits import MIN_GROUP_TRAIN
