@@ -153,8 +153,13 @@ def finetuning_description(cfg: Config) -> str:
     f = cfg.finetuning
     mode_text = {"partial": "**partial**: the frozen early layers' output is computed once per backbone and cached "
                             "(`nrfm/train/finetune_data.py`), the rest of the backbone and the heads are trained",
-                 "linear": "**linear**: frozen backbone, the heads alone are trained on its embedding",
+                 "linear": "**linear**: frozen backbone, the heads alone are trained on its embedding (for reweighted "
+                           "ERM and group DRO: group-balanced last-layer retraining); every objective therefore has "
+                           "the pretrained embedding, so notebook 03's site mixing cannot differ between objectives",
                  "full": "**full**: every backbone weight is trained on the volumes"}[f.mode]
+    if f.head_epochs and f.mode != "linear":
+        mode_text += (f"; the first {f.head_epochs} of {f.epochs} epochs train the heads alone on the frozen embedding "
+                      "(LP-FT), and the selection may keep one of them")
     methods = cfg.pretraining.methods
     layers = "; ".join(f"{m}: {trained_layers(cfg, m)}" for m in methods)
     grid = []

@@ -160,7 +160,7 @@ def test_ssl_facts(configs):
     assert facts["mae"]["view"] == tuple(cfg.pretraining.mae_view_size)
     text = notebook_text.pretraining_description(cfg)
     assert "teacher temperature constant 0.02" in text and "*sharper*" in text  # default config: constant, sharp
-    assert "whole volumes of 32^3" in text and "60 epochs" in text
+    assert "whole volumes of 32^3" in text and "(MAE 20)" in text
     smoke = notebook_text.pretraining_description(configs["configs/smoke.yaml"])
     assert "raised linearly from 0.04 to 0.07" in smoke and "crops of 16^3" in smoke
 
@@ -176,10 +176,13 @@ def test_gradcam_layer_is_the_stage_code_choice(configs):
         names = {id(m): n for n, m in backbone.named_modules()}
         assert info["name"] == "backbone." + names[id(layer)], method
         if method == "mae":
-            assert info["name"] == "backbone.vit.norm" and info["trained"] and info["grid"] == (4, 4, 4)
+            assert info["name"] == "backbone.vit.norm" and info["grid"] == (4, 4, 4)
+            assert not info["trained"]  # the default config fine-tunes the heads alone (linear mode)
+            partial = cfg.replace(finetuning=dataclasses.replace(cfg.finetuning, mode="partial"))
+            assert notebook_text.gradcam_layer(partial, method)["trained"]
         else:  # 32^3 crops, stride-2 stem: layer1 (8^3) is the deepest stage with >= 8 voxels a side
             assert info["name"] == "backbone.net.layer1" and info["stage_index"] == 1 and info["grid"] == (8, 8, 8)
-            assert not info["trained"]  # partial fine-tuning trains layer4 only
+            assert not info["trained"]  # linear trains no backbone layer (partial: layer4 only)
             assert "EARLIEST" in notebook_text.gradcam_layer_description(cfg, method)
     full = cfg.replace(finetuning=dataclasses.replace(cfg.finetuning, mode="full"))
     assert notebook_text.gradcam_layer(full, "byol")["trained"]
@@ -187,7 +190,8 @@ def test_gradcam_layer_is_the_stage_code_choice(configs):
 
 def test_gradcam_layer_follows_the_override(configs):
     cfg = configs["configs/default.yaml"]
-    cfg = cfg.replace(analyses=dataclasses.replace(cfg.analyses, gradcam_target_layer="backbone.net.layer4"))
+    cfg = cfg.replace(analyses=dataclasses.replace(cfg.analyses, gradcam_target_layer="backbone.net.layer4"),
+                      finetuning=dataclasses.replace(cfg.finetuning, mode="partial"))
     info = notebook_text.gradcam_layer(cfg, "byol")
     assert info["name"] == "backbone.net.layer4" and info["trained"] and info["grid"] == (1, 1, 1)
 

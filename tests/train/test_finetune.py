@@ -431,3 +431,32 @@ def test_small_groups_are_merged_as_validate_announces():
     assert groups.index[6, 0] == groups.index[7, 0] == 2  # still trained on, in the merged group
     unmerged = build_groups(frame, ("idh",), np.arange(8), "site_class", CUTS, min_train=1)
     assert unmerged.names == ["idh|A|0", "idh|A|1", "idh|B|1", "idh|C|1"]
+
+
+def test_heads_first_epochs_leave_the_backbone_as_pretrained_then_train_it(tmp_path):
+    """LP-FT: during the first head_epochs only the heads move (the last stage keeps its pretrained weights);
+    afterwards the last stage trains too; the history names each epoch's phase."""
+    from nrfm.models.backbones import ResNetBackbone
+    from nrfm.train.finetune_fit import _Training
+
+    ctx = fake_context(tmp_path, mode="partial", epochs=3, head_epochs=2, bf16=False, channels_last=False)
+    backbone = ResNetBackbone("resnet10", 8, (SIZE,) * 3).eval()
+    split = split_backbone(backbone, "partial")
+    with torch.no_grad():
+        inputs = torch.cat([split.trunk(torch.as_tensor(d["image"])[None]) for d in ctx.dataset()])
+    train = np.where(ctx.manifest["split"] == "train")[0]
+    val = np.where(ctx.manifest["split"] == "val")[0]
+    run = _Training(backbone, inputs, ctx.manifest, train, val, ctx.config.finetuning, "dro", torch.device("cpu"),
+                    0, False, "t")
+    tail = [p.detach().clone() for m in run.split.tail_modules for p in m.parameters()]
+    heads = [p.detach().clone() for p in run.model.heads.parameters()]
+    run.advance(2)
+    assert all(torch.equal(a, p) for a, p in zip(tail, (p for m in run.split.tail_modules for p in m.parameters())))
+    assert not all(torch.equal(a, p) for a, p in zip(heads, run.model.heads.parameters()))
+    # the heads-only epochs score validation on the cached embedding: the same as the network itself
+    direct = run.model.head_outputs(backbone.embed(torch.cat([torch.as_tensor(ctx.dataset()[i]["image"])[None]
+                                                              for i in val]))).detach()
+    assert torch.allclose(run._validation_outputs(), direct, atol=1e-4)
+    run.advance(3)
+    assert not all(torch.equal(a, p) for a, p in zip(tail, (p for m in run.split.tail_modules for p in m.parameters())))
+    assert [e["phase"] for e in run.history] == ["heads", "heads", "backbone"]
