@@ -183,6 +183,7 @@ def molecular_rows(run_dir: Path, methods: list[str], thresholds: dict[str, floa
                    oracle: pd.DataFrame | None = None, seed: int = 0, min_distinct: float = 1.0) -> list[dict]:
     """Molecular claims x backbones x comparisons (pooled protocol, test split, smallest training site)."""
     rows = []
+    imported = cohort_scenario(run_dir) == "imported"
     for method in methods:
         frames = {o: read_predictions(run_dir, method, o) for o in {o for pair in COMPARISONS for o in pair}}
         if frames.get("erm") is None:
@@ -193,7 +194,7 @@ def molecular_rows(run_dir: Path, methods: list[str], thresholds: dict[str, floa
             if tested not in tests or baseline not in tests:
                 continue
             a, b = tests[baseline], tests[tested]
-            for claim in (c for c in CLAIMS if c.kind == "molecular"):
+            for claim in (c for c in CLAIMS if c.kind == "molecular" and not (imported and c.control_only)):
                 where, note = site, ""
                 result = paired_endpoint_mean(a[a["site"] == site], b[b["site"] == site], claim.metric,
                                               claim.endpoints, n_boot, seed)

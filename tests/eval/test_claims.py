@@ -340,3 +340,21 @@ def test_bootstrap_p_value_against_a_margin():
     for margin in (0.0, 0.01, 0.02):
         assert bootstrap.p_greater_than_zero(deltas, margin=margin) == pytest.approx(
             (1 + sum(d <= margin for d in deltas)) / (len(deltas) + 1))
+
+
+def test_the_planted_marker_claim_is_a_control_of_synthetic_cohorts_only(tmp_path):
+    """auc_planted_marker tests the plant (EGFR at the smallest site) on both synthetic scenarios, never on an
+    imported cohort, where nothing was planted."""
+    from nrfm.synth.scenarios import CUE_ENDPOINT
+
+    claim = next(c for c in claims.CLAIMS if c.key == "auc_planted_marker")
+    assert claim.control_only and claim.endpoints == (CUE_ENDPOINT,) and claim.site == "smallest training site"
+    for scenario, expected in (("site-shift", True), ("no-shift", True), (None, True)):
+        run, _ = _run(tmp_path / str(scenario), scenario=scenario)
+        rows = pd.DataFrame(claim_rows.molecular_rows(run, ["byol"], {}, n_boot=50))
+        assert ("auc_planted_marker" in set(rows["claim_key"])) == expected
+    run, _ = _run(tmp_path / "imported")
+    (run / "data" / "SOURCE").unlink()  # no synthetic cohort behind the run
+    assert claim_rows.cohort_scenario(run) == "imported"
+    rows = pd.DataFrame(claim_rows.molecular_rows(run, ["byol"], {}, n_boot=50))
+    assert "auc_planted_marker" not in set(rows["claim_key"]) and "auc_rare_site" in set(rows["claim_key"])
