@@ -209,18 +209,28 @@ def decision_threshold(ctx, method: str, objective: str, endpoint: str) -> float
     return float(values.iloc[0]) if len(values) else None
 
 
-def explained_sign(model: nn.Module, image: torch.Tensor, index: int, endpoint: str, mode: str,
-                   threshold: float | None) -> float:
-    """+1 to explain the positive class (or a continuous output), -1 the negative one, per ``mode``."""
+def explained_signs(model: nn.Module, images: torch.Tensor, index: int, endpoint: str, mode: str,
+                    threshold: float | None) -> list[float]:
+    """Per volume of ``images`` (B, 4, D, H, W): +1 to explain the positive class (or a continuous output), -1 the
+    negative one, per ``mode`` (``predicted``: the model's class at ``threshold``, else 0.5)."""
     if endpoint in CONTINUOUS_ENDPOINTS or mode == "positive":
-        return 1.0
+        return [1.0] * len(images)
     if mode == "negative":
-        return -1.0
+        return [-1.0] * len(images)
     device = next(model.parameters()).device
     with torch.no_grad():
-        logit = float(model(image.to(device=device, dtype=torch.float32))[0, index])
-    probability = 1.0 / (1.0 + np.exp(-logit))
-    return 1.0 if probability >= (0.5 if threshold is None else threshold) else -1.0
+        logits = model(images.to(device=device, dtype=torch.float32))[:, index].float().cpu().numpy()
+    probability = 1.0 / (1.0 + np.exp(-logits))
+    return [1.0 if p >= (0.5 if threshold is None else threshold) else -1.0 for p in probability]
+
+
+def explained_sign(model: nn.Module, image: torch.Tensor, index: int, endpoint: str, mode: str,
+                   threshold: float | None) -> float:
+    """:func:`explained_signs` of one volume (1, 4, D, H, W)."""
+    return explained_signs(model, image, index, endpoint, mode, threshold)[0]
+
+
+GRADCAM_BATCH = 16  # volumes per Grad-CAM pass (eval mode: a volume's map does not depend on its batch)
 
 
 def _test_masks(ctx, rows: Sequence[int], progress: bool = True) -> dict[int, np.ndarray]:
@@ -253,32 +263,37 @@ def gradcam_subject_scores(ctx, model: nn.Module, endpoint: str, rows: Sequence[
     dataset = ctx.dataset(progress=progress)
     spacing = ctx.config.preprocessing.spacing_mm
     shuffled = [f"shuffled_mask_{c}" for c in (*SCORE_COLUMNS, "subject_id")]
-    out = []
-    for i in tqdm(list(rows), desc="Grad-CAM", disable=not progress, leave=False):
-        i = int(i)
-        item = dataset[i]
-        rec = {"subject_id": str(ctx.manifest["subject_id"].iloc[i]), "site": str(ctx.manifest["site"].iloc[i]),
-               "note": ""}
-        seg = np.asarray(item["seg"])[0]
+    out, scorable = {}, []
+    for i in (int(i) for i in rows):
+        out[i] = {"subject_id": str(ctx.manifest["subject_id"].iloc[i]), "site": str(ctx.manifest["site"].iloc[i]),
+                  "note": ""}
+        seg = masks[i] if masks is not None and i in masks else np.asarray(dataset[i]["seg"])[0]
         if not np.any(seg > 0):
-            out.append({**rec, "note": "skipped: empty tumour mask"})
-            continue
-        image = torch.as_tensor(item["image"])[None]
-        if signs is not None and i in signs:
-            sign = float(signs[i])
+            out[i]["note"] = "skipped: empty tumour mask"
         else:
-            sign = explained_sign(model, image, index, endpoint, cfg.gradcam_class, threshold)
-        rec["explained_class"] = "positive" if sign > 0 else "negative"
-        cam = grad_cam_volumes(model, image, index, layer, transform, [sign])[0]
-        brain = np.asarray(item["brain"])[0]
-        rec.update(localization_scores(cam, seg, brain, cfg.peritumoral_margin_mm, spacing))
-        if partners is not None and i in partners:
-            j = partners[i]
-            other = masks[j] if masks is not None and j in masks else np.asarray(dataset[j]["seg"])[0]
-            control = localization_scores(cam, other, brain, cfg.peritumoral_margin_mm, spacing)
-            rec.update({f"shuffled_mask_{k}": control[k] for k in SCORE_COLUMNS})
-            rec["shuffled_mask_subject_id"] = str(ctx.manifest["subject_id"].iloc[j])
-        out.append(rec)
+            scorable.append(i)
+    bar = tqdm(total=len(scorable), desc="Grad-CAM", disable=not progress, leave=False)
+    for start in range(0, len(scorable), GRADCAM_BATCH):
+        chunk = scorable[start:start + GRADCAM_BATCH]
+        items = [dataset[i] for i in chunk]
+        images = torch.stack([torch.as_tensor(item["image"]) for item in items])
+        chosen = explained_signs(model, images, index, endpoint, cfg.gradcam_class, threshold)
+        chosen = [float(signs[i]) if signs is not None and i in signs else c for i, c in zip(chunk, chosen)]
+        cams = grad_cam_volumes(model, images, index, layer, transform, chosen)
+        for i, item, sign, cam in zip(chunk, items, chosen, cams):
+            rec = out[i]
+            rec["explained_class"] = "positive" if sign > 0 else "negative"
+            seg, brain = np.asarray(item["seg"])[0], np.asarray(item["brain"])[0]
+            rec.update(localization_scores(cam, seg, brain, cfg.peritumoral_margin_mm, spacing))
+            if partners is not None and i in partners:
+                j = partners[i]
+                other = masks[j] if masks is not None and j in masks else np.asarray(dataset[j]["seg"])[0]
+                control = localization_scores(cam, other, brain, cfg.peritumoral_margin_mm, spacing)
+                rec.update({f"shuffled_mask_{k}": control[k] for k in SCORE_COLUMNS})
+                rec["shuffled_mask_subject_id"] = str(ctx.manifest["subject_id"].iloc[j])
+        bar.update(len(chunk))
+    bar.close()
+    out = list(out.values())
     columns = ["subject_id", "site", "explained_class", "empty_map", *SCORE_COLUMNS]
     return pd.DataFrame(out, columns=columns + (shuffled if partners is not None else []) + ["note"])
 

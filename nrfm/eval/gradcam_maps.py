@@ -133,12 +133,27 @@ def grad_cam_volumes(model: nn.Module, images: torch.Tensor, endpoint_index: int
     """
     device = next(model.parameters()).device
     x = images.to(device=device, dtype=torch.float32)
+    # The backward pass only needs to reach the target layer: with every parameter frozen for the call, the
+    # target layer's output is made the one leaf that requires a gradient (this hook runs before the library's,
+    # which keeps that gradient), so nothing below the layer and no weight gradient is computed. Frozen or not
+    # (linear fine-tuning freezes the backbone), the maps are the library's (tests/eval/test_gradcam.py).
+    params = list(model.parameters())
+    trainable = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+
+    def start_graph(module, inputs, output):
+        if isinstance(output, torch.Tensor) and not output.requires_grad:
+            output.requires_grad_(True)
+
+    hook = target_layer.register_forward_hook(start_graph)
     cam = GradCAM3D(model, [target_layer], _spatial_transform(reshape_transform, x.shape[2:]))
-    # gradients must reach the target layer even when its parameters are frozen (linear fine-tuning)
-    cam.compute_input_gradient = True
     try:
         if signs is None:
             return cam(x, [ClassifierOutputTarget(endpoint_index)] * x.shape[0])
         return cam(x, [EndpointTarget(endpoint_index, sign) for sign in signs])
     finally:
         cam.activations_and_grads.release()
+        hook.remove()
+        for p, flag in zip(params, trainable):
+            p.requires_grad_(flag)

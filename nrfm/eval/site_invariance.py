@@ -222,16 +222,17 @@ def _site_numbers(train_embedding: np.ndarray, test_embedding: np.ndarray, sites
     try:
         score, widths, k = pca_silhouette(train_embedding, test_embedding, sites, n_components)
         row.update({sil: score, "pca_components": k})
-        low, high = stratified_bootstrap_ci(lambda i: float(widths[i].mean()), len(sites), n_boot, seed, strata=sites,
-                                            clusters=groups)
+        # the resamples of stratified_bootstrap_ci, scored for all of them at once (the same numbers, tested)
+        counts = bootstrap.draw(len(sites), n_boot, seed, clusters=groups, strata=sites)
+        low, high = bootstrap.percentile_ci(bootstrap.mean(widths, counts))
         row.update({f"{sil_ci}_ci_low": low, f"{sil_ci}_ci_high": high})
     except ValueError as err:
         notes.append(f"no PCA-silhouette{label}: {err}")
     try:
         pred = site_probe_predictions(test_embedding, sites, n_folds, seed, groups)
         row[probe] = float(balanced_accuracy_score(sites, pred))
-        low, high = stratified_bootstrap_ci(lambda i: float(balanced_accuracy_score(sites[i], pred[i])),
-                                            len(sites), n_boot, seed, strata=sites, clusters=groups)
+        counts = bootstrap.draw(len(sites), n_boot, seed, clusters=groups, strata=sites)
+        low, high = bootstrap.percentile_ci(bootstrap.multiclass_balanced_accuracy(sites, pred, counts))
         row.update({f"{probe_ci}_ci_low": low, f"{probe_ci}_ci_high": high})
     except ValueError as err:
         notes.append(f"no site probe{label}: {err}")

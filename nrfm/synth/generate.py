@@ -57,7 +57,6 @@ import shutil
 import sys
 import time
 import uuid
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,8 +71,9 @@ from nrfm.synth.scenarios import CUE_ENDPOINT, SCENARIOS, apply_scenario, check_
 from nrfm.synth.sites import CONTRASTS, KNOWN_SITES, SiteTemplate, parse_site_spec
 from nrfm.synth.anatomy import (ENHANCEMENT_GAIN, FOCUS_SD_MM, MARGIN_CLIP_MM, MARGIN_MM, PROTOCOL_FACTOR,
                                  PROTOCOL_SD, STRIPE, TISSUE, render_subject, site_grid)
-from nrfm.synth.markers import (FEATURES, MODEL, log_hazard, marginal_prevalence, marker_latents,
-                                 oracle_posterior, sample_patients, site_survival)
+from nrfm.synth.exams import (CODEL_TESTED_IDH_MUTANT, CODEL_TESTED_IDH_WILDTYPE_MAX, MIN_NON_TEST_SHARE,  # noqa: F401
+                              exam_table)
+from nrfm.synth.markers import FEATURES, MODEL, marginal_prevalence, marker_latents, site_survival
 
 MANIFEST_COLUMNS = ("subject_id", "patient_id", "site", "split", "t1", "t1c", "t2", "flair", "seg", "age", "sex",
                     "grade") + ENDPOINTS + ("os_days", "os_event")
@@ -90,6 +90,7 @@ class Profile:
     max_spacing_mm: float  # cap per axis after scaling
     description: str
     test_per_site: int = 0  # patients per site marked split=test in the manifest (the fixed held-out set)
+    test_min_positives: int = 0  # reported positives per marker and site in the test set (nrfm.synth.exams)
 
 
 # Default: 160 test patients per site (fixed in the manifest); the rest is train/val for the run to split, so
@@ -100,7 +101,8 @@ PROFILES: dict[str, Profile] = {
     "smoke": Profile("smoke", "UCSF:16,UPenn:14,CUIMC:10", 1.6, 6.0,
                      "about 40 exams on a coarse ~4 mm grid: tests and the smoke config, seconds", 4),
     "default": Profile("default", "UCSF:330,UPenn:305,CUIMC:225", 1.3, 6.0,
-                       "about 870 exams (160 test patients per site) at about 3 mm: the kit's default data", 160),
+                       "about 900 exams (160 test patients per site, enriched to 15 positives per marker) at about 3 mm: "
+                       "the kit's default data", 160, 15),
     "large": Profile("large", "UCSF:640,UPenn:600,CUIMC:300", 1.0, 6.0,
                      "about 1550 exams (200 test patients per site) at native 2-5 mm", 200),
 }
@@ -178,54 +180,6 @@ def _render_task(task: tuple) -> tuple[str, dict]:
     return sid, {int(k): int((seg == k).sum()) for k in (1, 2, 4)}
 
 
-MIN_NON_TEST_SHARE = 0.25  # a site's fixed test set never takes more than 75 % of its patients
-CODEL_TESTED_IDH_MUTANT = 0.92  # 1p/19q is tested mainly in IDH-mutant tumours (missing not at random)
-CODEL_TESTED_IDH_WILDTYPE_MAX = 0.2  # ... and in at most this share of IDH-wildtype ones
-
-
-def _exam_table(sites: list[tuple[SiteTemplate, int]], seed: int, test_per_site: int = 0) -> tuple[pd.DataFrame, list]:
-    """Patients and their exams for every site, with oracle posteriors, generator seeds and the test split.
-
-    ``test_per_site`` patients of each site (leaving at least five and :data:`MIN_NON_TEST_SHARE` of them for
-    train/val, which matters for small ``--sites`` counts) are marked ``split = test`` at random;
-    the others get an empty split. Survival is reported on each patient's first exam only (as the importers
-    do: follow-up exams carry none).
-    """
-    frames = []
-    for site, n in sites:
-        key = zlib.crc32(site.name.encode("utf-8"))
-        rng = np.random.default_rng([seed, key])
-        pats = sample_patients(site, n, rng)
-        pats["patient_id"] = [f"{site.name}-{i:04d}" for i in range(1, n + 1)]
-        pats["patient_index"] = np.arange(n)
-        pats["tumour_seed"] = [[seed, key, i, 0] for i in range(n)]
-        n_test = min(int(test_per_site), max(n - max(5, math.ceil(MIN_NON_TEST_SHARE * n)), 0)) if test_per_site else 0
-        test = np.zeros(n, bool)
-        test[np.random.default_rng([seed, key, 1]).permutation(n)[:n_test]] = True
-        pats["split"] = np.where(test, "test", "")
-        followup = rng.random(n) < site.followup_fraction
-        fu = pats[followup].copy()
-        label = fu[site.artifact_endpoint].to_numpy()
-        fu["artifact"] = (rng.random(len(fu)) < np.where(label == 1, site.artifact_p[1], site.artifact_p[0])).astype(int)
-        fu["os_days"], fu["os_event"] = np.nan, np.nan
-        pats["exam"], fu["exam"] = 1, 2
-        exams = pd.concat([pats, fu]).sort_values(["patient_id", "exam"], kind="stable").reset_index(drop=True)
-        exams["subject_id"] = exams["patient_id"] + "_" + exams["exam"].map("{:02d}".format)
-        exams["site"] = site.name
-        exams["scan_seed"] = [[seed, key, int(i), int(e)] for i, e in zip(exams["patient_index"], exams["exam"])]
-        post = oracle_posterior(exams, site)
-        for e in BINARY_ENDPOINTS:
-            exams[f"oracle_{e}"] = post[e].to_numpy()
-        for e in ENDPOINTS:  # reported labels: missing at random per site and endpoint, except 1p/19q (below)
-            exams[f"observed_{e}"] = rng.random(len(exams)) >= site.missing[e]
-        tested = np.where(exams["idh"] == 1, CODEL_TESTED_IDH_MUTANT,
-                          min(CODEL_TESTED_IDH_WILDTYPE_MAX, 1.0 - site.missing["codel_1p19q"]))
-        exams["observed_codel_1p19q"] = rng.random(len(exams)) < tested
-        exams["true_log_hazard"] = log_hazard(exams, site)
-        frames.append(exams)
-    return pd.concat(frames, ignore_index=True), [s for s, _ in sites]
-
-
 def _manifest(exams: pd.DataFrame) -> pd.DataFrame:
     man = pd.DataFrame({"subject_id": exams["subject_id"], "patient_id": exams["patient_id"],
                         "site": exams["site"], "split": exams["split"]})
@@ -269,7 +223,9 @@ def _cohort_json(exams, sites, profile, seed, spec, spacings, plan, check) -> di
             "test_set": {"exams": int((rows["split"] == "test").sum()),
                          "survival_events": int(rows.loc[rows["split"] == "test", "os_event"].fillna(0).sum()),
                          "labelled_positives": {e: int(rows.loc[(rows["split"] == "test") & rows[f"observed_{e}"], e].sum())
-                                                for e in BINARY_ENDPOINTS}},
+                                                for e in BINARY_ENDPOINTS},
+                         "enrichment_exams": {e: int((rows["enriched_for"] == e).sum()) for e in BINARY_ENDPOINTS
+                                              if (rows["enriched_for"] == e).any()}},
             "survival_exams": int(rows["os_days"].notna().sum()),
             "hazard": site_survival(site),
         })
@@ -322,7 +278,7 @@ def generate_cohort(out: Path, profile: str = "default", seed: int = 0, sites: s
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir(parents=True)
-        exams, templates = _exam_table(site_list, int(seed), prof.test_per_site)
+        exams, templates = exam_table(site_list, int(seed), prof.test_per_site, prof.test_min_positives)
         check = latent_dro_check(exams, plan, marker_latents(plan["affected_endpoints"]))
         for s in templates:  # build grids before forking so workers inherit them
             site_grid(s.orientation, spacings[s.name])
@@ -362,7 +318,7 @@ def latent_experiment(profile: str = "default", seed: int = 0, scenario: str = "
     """The exam table and the latent ERM-vs-DRO check of a cohort, without rendering (seconds)."""
     prof = PROFILES[profile]
     site_list, plan = scenario_sites(sites if sites is not None else prof.sites, check_scenario(scenario))
-    exams, _ = _exam_table(site_list, int(seed), prof.test_per_site)
+    exams, _ = exam_table(site_list, int(seed), prof.test_per_site, prof.test_min_positives)
     return exams, latent_dro_check(exams, plan, marker_latents(plan["affected_endpoints"]))
 
 

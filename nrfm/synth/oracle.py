@@ -72,21 +72,23 @@ def oracle_cindex_table(exams: pd.DataFrame, site_names: list[str]) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
-def held_out_floor_table(exams: pd.DataFrame, site_names: list[str], min_prevalence: float = 0.1) -> pd.DataFrame:
+def held_out_floor_table(exams: pd.DataFrame, site_names: list[str]) -> pd.DataFrame:
     """What the fixed test set can decide: per site, test exams, survival events, labelled positives per marker.
 
-    ``exists`` = the marker's configured prevalence at the site is at least ``min_prevalence`` (rarer markers,
-    e.g. IDH mutation in a glioblastoma-only cohort, cannot reach a floor at any affordable size).
+    ``exists`` = the marker is reported positive in at least one of the site's exams (any split): the rule of
+    the test-set enrichment (:mod:`nrfm.synth.exams`), which lifts every such marker to the profile's floor.
     """
     rows = []
     for site in site_names:
-        part = exams[(exams["site"] == site) & (exams["split"] == "test")]
+        everything = exams[exams["site"] == site]
+        part = everything[everything["split"] == "test"]
         for e in BINARY_ENDPOINTS:
             known = part[part[f"observed_{e}"]]
             rows.append({"site": site, "endpoint": e, "test_exams": int(len(part)),
                          "test_events": int(part["os_event"].fillna(0).sum()), "n_known": int(len(known)),
                          "n_pos": int(known[e].sum()), "prevalence": round(float(part[e].mean()), 4)
-                         if len(part) else math.nan})
+                         if len(part) else math.nan,
+                         "enriched": int((part["enriched_for"] == e).sum()) if "enriched_for" in part else 0,
+                         "exists": bool(((everything[e] == 1) & everything[f"observed_{e}"]).any())})
     table = pd.DataFrame(rows)
-    table["exists"] = table["prevalence"] >= min_prevalence
     return table

@@ -1,6 +1,8 @@
 """Grad-CAM in 3D and the localization score, with tiny models whose evidence region is planted."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -146,6 +148,22 @@ def test_gradcam3d_equals_library_gradcam_at_input_resolution():
     library = GradCAM(model, [model.backbone.act])(x, targets)
     assert ours.shape == library.shape == (2, SIDE, SIDE, SIDE)
     assert np.abs(ours - library).max() < 1e-5
+
+
+def test_volumes_backward_stops_at_the_target_layer_and_equals_the_library():
+    """grad_cam_volumes freezes the parameters for the call and starts the graph at the target layer's output:
+    the maps equal the library's full backward, and the parameters' requires_grad flags are restored."""
+    model = TinyFinetuneModel()
+    model.backbone.conv.stride = (1, 1, 1)
+    next(model.backbone.parameters()).requires_grad_(False)  # a mixed state, as in partial fine-tuning
+    flags = [p.requires_grad for p in model.parameters()]
+    x = torch.randn(3, 4, SIDE, SIDE, SIDE)
+    ours = grad_cam_volumes(model, x, 0, model.backbone.act, signs=[1.0, -1.0, 1.0])
+    from nrfm.eval.gradcam_maps import EndpointTarget
+    reference = copy.deepcopy(model).requires_grad_(True)  # the library's full backward needs trainable weights
+    library = GradCAM(reference, [reference.backbone.act])(x, [EndpointTarget(0, s) for s in (1.0, -1.0, 1.0)])
+    assert np.abs(ours - library).max() < 1e-5
+    assert [p.requires_grad for p in model.parameters()] == flags
 
 
 def test_gradcam_puts_most_mass_where_the_output_looks():
@@ -344,3 +362,20 @@ def test_scored_test_rows_is_a_fixed_sample_per_site():
     assert manifest.iloc[sample]["site"].value_counts().to_dict() == {"A": 3, "B": 3}  # C has no test exam
     assert list(scored_test_rows(manifest, 3, seed=0)) == list(sample)  # the same for every backbone
     assert list(scored_test_rows(manifest, 100, seed=0)) == list(everything)
+
+
+def test_batched_maps_score_as_one_volume_at_a_time(tmp_path, monkeypatch):
+    """Grad-CAM runs GRADCAM_BATCH volumes per pass; in eval mode each map is that of the volume alone, so the
+    per-subject scores (predicted class, trained maps, shuffled-mask and random-init controls) do not change."""
+    from nrfm.eval import gradcam
+
+    loader = lambda ctx, method, objective: TinyFinetuneModel(seed=0).eval()  # noqa: E731
+    tables = []
+    for batch in (1, 4):
+        monkeypatch.setattr(gradcam, "GRADCAM_BATCH", batch)
+        ctx = make_ctx(tmp_path / str(batch), gradcam_class="predicted")
+        gradcam_table(ctx, ["tiny"], objectives=["erm"], load_model=loader, progress=False)
+        tables.append(pd.read_csv(ctx.artifacts_dir / "gradcam_subjects_tiny_erm_idh.csv"))
+    pd.testing.assert_frame_equal(tables[0], tables[1], check_exact=False, atol=1e-5)
+    assert tables[0]["cam_in_tumor"].notna().sum() == 5 and set(tables[0]["explained_class"].dropna()) <= {
+        "positive", "negative"}

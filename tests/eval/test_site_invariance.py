@@ -229,3 +229,25 @@ def test_intensity_features_inside_the_mask():
     image[:, 1:3, 1:3, 1:3] = [[[[1.0]]], [[[5.0]]]]
     feats = intensity_features(image)
     assert feats.shape == (10,) and feats[0] == 1.0 and feats[1] == 0.0 and feats[5] == 5.0
+
+
+def test_site_numbers_cis_are_the_loop_over_resamples():
+    """The silhouette and site-probe CIs are scored for all resamples at once; they equal the loop of
+    stratified_bootstrap_ci with sklearn's balanced accuracy and a plain mean on the same resamples."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    from nrfm.eval.site_invariance import _site_numbers, pca_silhouette, site_probe_predictions, stratified_bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    sites = np.repeat(np.array(["A", "B", "C"]), 20)
+    groups = np.array([f"p{i // 2}" for i in range(60)])  # two exams per patient
+    train = rng.normal(size=(40, 6))
+    test = rng.normal(size=(60, 6)) + (sites == "A")[:, None] * 0.8
+    row, _ = _site_numbers(train, test, sites, groups, 3, 3, 200, 0)
+    _, widths, _ = pca_silhouette(train, test, sites, 3)
+    low, high = stratified_bootstrap_ci(lambda i: float(widths[i].mean()), 60, 200, 0, strata=sites, clusters=groups)
+    assert (row["pca_silhouette_ci_low"], row["pca_silhouette_ci_high"]) == pytest.approx((low, high))
+    pred = site_probe_predictions(test, sites, 3, 0, groups)
+    low, high = stratified_bootstrap_ci(lambda i: float(balanced_accuracy_score(sites[i], pred[i])), 60, 200, 0,
+                                        strata=sites, clusters=groups)
+    assert (row["site_probe_bacc_ci_low"], row["site_probe_bacc_ci_high"]) == pytest.approx((low, high))

@@ -266,3 +266,19 @@ def test_too_few_training_events_gives_note_rows(tmp_path):
     ctx.manifest.loc[ctx.manifest["split"] == "train", "os_event"] = 0
     table = run_survival_stage(ctx, ["cox"], progress=False)
     assert table["c_index"].isna().all() and table["note"].str.startswith("not fitted").all()
+
+
+def test_evaluate_risk_ci_is_the_loop_over_resamples_with_lifelines():
+    """The c-index CI is scored for all resamples at once; it equals metrics.bootstrap_ci over lifelines'
+    concordance_index on the same resamples (ties in time and risk included)."""
+    from nrfm.eval.metrics import bootstrap_ci
+    from nrfm.eval.survival import c_index, evaluate_risk
+
+    rng = np.random.default_rng(3)
+    time = np.round(rng.exponential(300, 80))  # rounded: tied times
+    event = (rng.random(80) < 0.7).astype(float)
+    risk = np.round(-np.log(time + 1) + rng.normal(0, 1, 80), 1)  # rounded: tied risks
+    row = evaluate_risk(time, event, risk, float(np.median(risk)), 5, 300, seed=4)
+    low, high, _ = bootstrap_ci(c_index, time, event, risk, n_boot=300, seed=4)
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((low, high))
+    assert row["c_index"] == pytest.approx(c_index(time, event, risk))
