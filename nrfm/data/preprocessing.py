@@ -267,6 +267,29 @@ def cache_key(row: Mapping[str, Any], cfg: PreprocessingConfig, hashes: _Content
 
 
 _ARRAYS = ("image", "seg", "brain", "affine")
+PARALLEL_MIN_EXAMS = 16  # preprocessing threads for at least this many missing exams
+MAX_WORKERS = 4
+
+def _store_entry(task: tuple) -> None:
+    """Preprocess one exam into the cache folder ``root/key`` (written under a temporary name, then renamed)."""
+    row, cfg, root, key = task
+    root = Path(root)
+    arrays = preprocess_subject(row, cfg)
+    final = root / key
+    tmp = root / f".{key}.{uuid.uuid4().hex}.tmp"
+    tmp.mkdir(parents=True)
+    try:
+        for name in _ARRAYS:
+            np.save(tmp / f"{name}.npy", arrays[name])
+        meta = {"subject_id": row["subject_id"], "version": TRANSFORM_VERSION,
+                "centred_on_mask": bool(arrays["centred_on_mask"]), "files": {c: row[c] for c in PATH_COLUMNS}}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, final)
+    except OSError as err:
+        if not (final / "meta.json").is_file():  # not a concurrent writer finishing first: a real failure
+            raise DataError(f"{root}: cannot write the preprocessing cache ({err.strerror or err})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class VolumeDataset(Dataset):
@@ -315,8 +338,20 @@ class VolumeDataset(Dataset):
         finally:
             hashes.save()
         todo = [i for i, k in enumerate(self.keys) if not (self.root / k / "meta.json").is_file()]
-        for i in tqdm(todo, desc="preprocessing", unit="exam", disable=not progress):
-            self._store(i)
+        workers = min(os.cpu_count() or 1, MAX_WORKERS)
+        if len(todo) >= PARALLEL_MIN_EXAMS and workers > 1:
+            # exams are independent and the heavy parts (gzip, resampling) release the GIL: one thread per core,
+            # entries written as in the serial loop (atomic folder rename), so the cache is the same either way
+            from concurrent.futures import ThreadPoolExecutor
+
+            tasks = [(self.rows[i], self.cfg, str(self.root), self.keys[i]) for i in todo]
+            with ThreadPoolExecutor(workers) as pool:
+                for _ in tqdm(pool.map(_store_entry, tasks), total=len(todo), desc="preprocessing", unit="exam",
+                              disable=not progress):
+                    pass
+        else:
+            for i in tqdm(todo, desc="preprocessing", unit="exam", disable=not progress):
+                self._store(i)
         self.n_computed = len(todo)
         self.centred_on_mask = [bool(json.loads((self.root / k / "meta.json").read_text())["centred_on_mask"])
                                 for k in self.keys]
@@ -327,23 +362,7 @@ class VolumeDataset(Dataset):
         return self
 
     def _store(self, i: int) -> None:
-        arrays = preprocess_subject(self.rows[i], self.cfg)
-        final = self.root / self.keys[i]
-        tmp = self.root / f".{self.keys[i]}.{uuid.uuid4().hex}.tmp"
-        tmp.mkdir(parents=True)
-        try:
-            for name in _ARRAYS:
-                np.save(tmp / f"{name}.npy", arrays[name])
-            meta = {"subject_id": self.rows[i]["subject_id"], "version": TRANSFORM_VERSION,
-                    "centred_on_mask": bool(arrays["centred_on_mask"]),
-                    "files": {c: self.rows[i][c] for c in PATH_COLUMNS}}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            os.replace(tmp, final)
-        except OSError as err:
-            if not (final / "meta.json").is_file():  # not a concurrent writer finishing first: a real failure
-                raise DataError(f"{self.root}: cannot write the preprocessing cache ({err.strerror or err})") from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _store_entry((self.rows[i], self.cfg, str(self.root), self.keys[i]))
 
     def _load(self, i: int, name: str) -> np.ndarray:
         if not self.keys:

@@ -209,3 +209,23 @@ def test_synthetic_and_imported_exams_come_out_alike(tmp_path: Path) -> None:
         np.testing.assert_allclose(ds.affine(i)[:3, :3], np.diag([4.0, 4.0, 4.0]), atol=1e-5)
         tumour = np.argwhere(item["seg"][0].numpy() > 0)
         assert np.all(np.abs((tumour.min(0) + tumour.max(0)) / 2 - 8) <= 1.0)
+
+
+def test_parallel_build_writes_the_serial_cache(tmp_path: Path, monkeypatch) -> None:
+    """Many exams are preprocessed by a thread per core; the cache entries equal the serial loop's."""
+    import pandas as pd
+
+    from nrfm.data import preprocessing
+
+    df = pd.DataFrame([make_exam(tmp_path / "img", f"s{i}", seed=i) for i in range(4)])
+    serial_cfg = PreprocessingConfig(spacing_mm=(3.0, 3.0, 3.0), crop_size=(16, 16, 16),
+                                     cache_dir=str(tmp_path / "serial"))
+    serial = VolumeDataset(df, serial_cfg, progress=False)
+    monkeypatch.setattr(preprocessing, "PARALLEL_MIN_EXAMS", 2)
+    monkeypatch.setattr(preprocessing.os, "cpu_count", lambda: 2)
+    parallel = VolumeDataset(df, PreprocessingConfig(spacing_mm=(3.0, 3.0, 3.0), crop_size=(16, 16, 16),
+                                                     cache_dir=str(tmp_path / "parallel")), progress=False)
+    assert parallel.n_computed == 4 and parallel.keys == serial.keys
+    for i in range(4):
+        for key in ("image", "seg", "brain"):
+            assert torch.equal(serial[i][key], parallel[i][key])
