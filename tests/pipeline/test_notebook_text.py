@@ -160,7 +160,7 @@ def test_ssl_facts(configs):
     assert facts["mae"]["view"] == tuple(cfg.pretraining.mae_view_size)
     text = notebook_text.pretraining_description(cfg)
     assert "teacher temperature constant 0.02" in text and "*sharper*" in text  # default config: constant, sharp
-    assert "whole volumes of 32^3" in text and "(MAE 20)" in text
+    assert "whole volumes of 32^3" in text and f"(MAE {cfg.pretraining.mae_epochs})" in text
     smoke = notebook_text.pretraining_description(configs["configs/smoke.yaml"])
     assert "raised linearly from 0.04 to 0.07" in smoke and "crops of 16^3" in smoke
 
