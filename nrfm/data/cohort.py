@@ -225,6 +225,26 @@ def scenario_summary(ctx: RunContext) -> dict | None:
             "latent_dro_gain": info["latent_dro_gain"], "latent_check": check.get("per_endpoint", {})}
 
 
+def test_set_table(ctx: RunContext) -> pd.DataFrame | None:
+    """The fixed test set per site from a synthetic cohort's cohort.json: exams, survival events, reported
+    positives per marker and the enrichment exams that lifted rare markers to the floor (None without one)."""
+    import json
+
+    path = ctx.cohort_dir / "cohort.json"
+    if not path.is_file():
+        return None
+    rows = []
+    for site in json.loads(path.read_text()).get("sites", []):
+        test = site.get("test_set")
+        if not test:
+            return None
+        name = site["template"]["name"]
+        rows.append({"site": name, "test exams": test["exams"], "survival events": test["survival_events"],
+                     **{f"{e} +": n for e, n in test["labelled_positives"].items()},
+                     "enrichment exams": ", ".join(f"{e} {n}" for e, n in test.get("enrichment_exams", {}).items())})
+    return pd.DataFrame(rows).set_index("site") if rows else None
+
+
 def cue_by_site_table(ctx: RunContext) -> pd.DataFrame | None:
     """The plant: share of exams showing the cue, per site and label of the cue endpoint (synthetic only).
 

@@ -95,3 +95,20 @@ def test_image_plant_check_runs_and_sees_the_cue(smoke_ctx):
     check = cohort.image_plant_check(smoke_ctx)
     assert list(check["objective"]) == ["erm", "dro"] and (check["site"] == "CUIMC").all()
     assert check["cue_detection_auc"].iloc[0] > 0.9  # the stripe is plainly visible in the stored images
+
+
+def test_test_set_table_reads_the_floors_and_enrichment_from_cohort_json(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    sites = [{"template": {"name": "A"}, "test_set": {"exams": 170, "survival_events": 60,
+                                                       "labelled_positives": {"idh": 15, "egfr": 30},
+                                                       "enrichment_exams": {"idh": 10}}},
+             {"template": {"name": "B"}, "test_set": {"exams": 160, "survival_events": 50,
+                                                       "labelled_positives": {"idh": 40, "egfr": 20}}}]
+    (tmp_path / "cohort.json").write_text(json.dumps({"sites": sites}))
+    table = cohort.test_set_table(SimpleNamespace(cohort_dir=tmp_path))
+    assert table.loc["A", "idh +"] == 15 and table.loc["A", "enrichment exams"] == "idh 10"
+    assert table.loc["B", "enrichment exams"] == "" and table.loc["B", "survival events"] == 50
+    (tmp_path / "cohort.json").unlink()
+    assert cohort.test_set_table(SimpleNamespace(cohort_dir=tmp_path)) is None
