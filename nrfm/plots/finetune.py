@@ -113,7 +113,8 @@ def roc_figure(ctx, method: str, protocol: str = "pooled", endpoints: Sequence[s
     frames = {o: f[f["split"] == "test"] for o, f in frames.items() if f is not None}
     endpoints = list(endpoints or [e for e in ENDPOINTS if any(e in set(f["endpoint"]) for f in frames.values())])
     sites = sorted(set().union(*(set(f["site"]) for f in frames.values()))) if frames else []
-    fig, axes = plt.subplots(max(len(endpoints), 1), max(len(sites), 1), squeeze=False,
+    # shared axes: tick labels on the outer panels only (30 panels' worth of tick text dominated drawing time)
+    fig, axes = plt.subplots(max(len(endpoints), 1), max(len(sites), 1), squeeze=False, sharex=True, sharey=True,
                              figsize=(2.6 * max(len(sites), 1), 2.4 * max(len(endpoints), 1)))
     for i, endpoint in enumerate(endpoints):
         for j, site in enumerate(sites):
