@@ -47,7 +47,7 @@ from nrfm.pipeline.workspace import resolve_config_file, workspace_root
 from nrfm.ssl import build_method
 from nrfm.synth.generate import generate_cohort
 from nrfm.ssl.views import EpochSampler, SampleViews, ViewDataset, view_recipe
-from nrfm.train.monitor import autocast_context
+from nrfm.train.monitor import autocast_context, use_bf16
 from nrfm.train.pretrain import configure_threads, make_loader, train_method
 
 PARTS = ("throughput", "flops", "loader", "scaling", "smoke", "default", "soak")
@@ -201,8 +201,9 @@ def flops_fraction(cfg: Config, volume: Sequence[int], method: str = "byol", dev
     try:
         step, flops = _fixed_step(cfg, method, volume, dev)
         seconds = _median_seconds(step, repeats, dev)
-        peak = matmul_rate(torch.bfloat16 if cfg.pretraining.bf16 else torch.float32, dev)
-        fp32 = peak if not cfg.pretraining.bf16 else matmul_rate(torch.float32, dev)
+        bf16 = use_bf16(dev, cfg.pretraining.bf16)  # the dtype the step really runs in
+        peak = matmul_rate(torch.bfloat16 if bf16 else torch.float32, dev)
+        fp32 = peak if not bf16 else matmul_rate(torch.float32, dev)
     finally:
         torch.set_num_threads(before)
     return {"step_gflop": flops / 1e9, "step_seconds": seconds, "achieved_gflops": flops / seconds / 1e9,

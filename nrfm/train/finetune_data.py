@@ -32,6 +32,7 @@ from nrfm.errors import CheckpointError, DataError, TrainingError
 from nrfm.eval.metrics import binarize, rank_auc, youden_threshold
 from nrfm.files import atomic_torch_save, safe_torch_load
 from nrfm.models.backbones import ResNetBackbone, ViTBackbone
+from nrfm.train.monitor import use_bf16
 
 GROUPINGS = ("site_class", "site", "class")
 
@@ -264,7 +265,8 @@ def split_backbone(backbone: nn.Module, mode: str) -> BackboneSplit:
 
 
 def autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+    """bf16 autocast when ``enabled`` and ``device`` runs bf16 natively (:func:`nrfm.train.monitor.use_bf16`)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16(device, enabled))
 
 
 @torch.no_grad()
