@@ -275,7 +275,7 @@ def cue_by_site_figure(ctx: RunContext) -> plt.Figure | None:
     plot = table.assign(label=table["label"].map({0.0: "negative", 1.0: "positive"}))
     sns.barplot(data=plot, x="site", y="cue_rate", hue="label", ax=ax)
     ax.set(ylim=(0, 1), ylabel="share of exams with the cue",
-           title=f"{summary['scenario']}: stripe cue vs {summary['cue_endpoint'].upper()} label "
+           title=f"{summary['scenario']}: ghost cue vs {summary['cue_endpoint'].upper()} label "
                  f"(smallest site: {summary['smallest_site']})")
     fig.tight_layout()
     return fig
@@ -326,33 +326,24 @@ def site_probe_baseline(ctx: RunContext, per_site: int = 60, seed: int = 0) -> p
                           "chance": 1.0 / max(1, len(set(sites))), "subjects": len(y), "features": x.shape[1]}])
 
 
-def _stripe_power(volume: np.ndarray, spacing: tuple, axis: int) -> float:
-    """Log share of the slice-median profile's power (along ``axis``) at 10-20 mm periods: the stripe cue."""
-    from scipy import ndimage
-
-    slices = np.ascontiguousarray(np.moveaxis(volume, axis, 0))  # one copy: slice k is slices[k]
-    profile = []
-    for plane in slices:
-        values = plane[plane > 0]
-        if values.size > 50:
-            profile.append(float(np.median(values)))
-    profile = np.asarray(profile)
-    if len(profile) < 8:
+def _ghost_score(volume: np.ndarray, axis: int) -> float:
+    """Correlation of the brain's intensities with the image shifted by half the field of view along ``axis``
+    (where both are inside the brain): an N/2 ghost adds a copy of the image at that shift and raises it."""
+    shifted = np.roll(volume, volume.shape[axis] // 2, axis=axis)
+    both = (volume > 0) & (shifted > 0)
+    if both.sum() < 50:
         return float("nan")
-    relative = profile / ndimage.gaussian_filter1d(profile, 24.0 / spacing[axis] / 2.355) - 1.0
-    freq = np.fft.rfftfreq(len(relative), d=spacing[axis])
-    power = np.abs(np.fft.rfft(relative - relative.mean())) ** 2
-    return float(np.log(power[(freq > 1 / 20) & (freq < 1 / 10)].sum() / (power[freq > 1 / 40].sum() + 1e-12) + 1e-6))
+    return float(np.corrcoef(volume[both], shifted[both])[0, 1])
 
 
 def image_plant_check(ctx: RunContext) -> pd.DataFrame | None:
     """The plant seen in the images, not the latents (synthetic cohorts with a scenario only).
 
-    Three hand-made features per exam from the stored images: stripe power along the site's phase-encoding
-    axis (the cue), oedema and tumour-core volume from the label map (the EGFR phenotype). An ERM and a
+    Three hand-made features per exam from the stored images: the ghost score along the site's phase-encoding
+    axis (the cue, :func:`_ghost_score`), oedema and tumour-core volume from the label map (the EGFR phenotype). An ERM and a
     group-DRO logistic model (as in the generator's latent check) are fitted on the run's train and val exams
     and scored on the smallest site's test exams. Returns one row per objective: endpoint, site, n, n_pos,
-    auc; plus ``cue_detection_auc``, the stripe feature's AUC for the true cue.
+    auc; plus ``cue_detection_auc``, the ghost score's AUC for the true cue.
     """
     import json
 
@@ -372,16 +363,16 @@ def image_plant_check(ctx: RunContext) -> pd.DataFrame | None:
         voxel_ml = float(np.prod(image.header.get_zooms()[:3])) / 1000.0
         rows.append({"subject_id": row.subject_id, "site": row.site, "split": row.split,
                      "label": getattr(row, endpoint),
-                     "stripe": _stripe_power(volume, image.header.get_zooms()[:3], phase[row.site]),
+                     "ghost": _ghost_score(volume, phase[row.site]),
                      "edema": np.log1p((seg == 2).sum() * voxel_ml), "core": np.log1p(np.isin(seg, (1, 4)).sum() * voxel_ml)})
-    frame = pd.DataFrame(rows).dropna(subset=["stripe"])
+    frame = pd.DataFrame(rows).dropna(subset=["ghost"])
     cue = oracle[oracle["endpoint"] == "artifact"].set_index("subject_id")["value"]
     truth = frame["subject_id"].map(cue)
-    cue_auc = float(roc_auc_score(truth, frame["stripe"])) if truth.nunique() == 2 else float("nan")
+    cue_auc = float(roc_auc_score(truth, frame["ghost"])) if truth.nunique() == 2 else float("nan")
     labelled = frame.dropna(subset=["label"])
     train = labelled[labelled["split"] != "test"]
     test = labelled[(labelled["split"] == "test") & (labelled["site"] == small)]
-    cols = ["stripe", "edema", "core"]
+    cols = ["ghost", "edema", "core"]
     centre, scale = train[cols].mean(), train[cols].std() + 1e-9
     groups = (train["site"] + ":" + train["label"].astype(int).astype(str)).to_numpy()
     out = []

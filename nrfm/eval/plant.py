@@ -1,6 +1,6 @@
 """Can the models see the planted cue? A check to read before the DRO verdicts of a synthetic run.
 
-The ``site-shift`` scenario (:mod:`nrfm.synth.scenarios`) plants a site-linked cue (a stripe ghost) that agrees with
+The ``site-shift`` scenario (:mod:`nrfm.synth.scenarios`) plants a site-linked cue (a ghost artifact) that agrees with
 the EGFR label at the large sites and is reversed at the smallest. Group DRO can only undo a shortcut the model
 has taken: if a model's features do not carry the cue, ERM cannot lean on it and there is nothing for DRO to fix,
 whatever the latent check (``latent_dro_gain``) says. :func:`cue_visibility` measures it directly: the 5-fold

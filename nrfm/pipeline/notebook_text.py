@@ -194,16 +194,16 @@ def shortcut_description(cfg: Config) -> str:
     if cfg.cohort.manifest:
         return "**Planted shortcut:** none (an imported cohort: nothing is planted, the ground truth is unknown)."
     agree = scenarios.CUE_AGREEMENT
-    cue = (f"a stripe ghost artifact shows in {agree:.0%} of {scenarios.CUE_ENDPOINT.upper()}-positive and "
+    cue = (f"a ghost artifact (a copy of the head shifted by half the field of view) shows in {agree:.0%} of {scenarios.CUE_ENDPOINT.upper()}-positive and "
            f"{1 - agree:.0%} of negative exams")
     if cfg.cohort.synth_scenario == "no-shift":
-        return (f"**Planted shortcut (scenario `no-shift`, the control):** none. The stripe artifact appears at the "
+        return (f"**Planted shortcut (scenario `no-shift`, the control):** none. The ghost artifact appears at the "
                 f"same per-site rate as under `site-shift` but independently of every label, with one phenotype and "
                 f"one hazard model at every site; group DRO has nothing to fix here.")
     return (f"**Planted shortcut (scenario `site-shift`):** at every site but the smallest, {cue}; at the smallest "
             f"site the association is reversed ({1 - agree:.0%} / {agree:.0%}). There, "
             f"{scenarios.CUE_ENDPOINT.upper()} amplification also lacks its extra oedema, and the hazard weight of "
-            f"tumour size is {dict(scenarios.HAZARD_SHIFT)['size']:g}. Pooled ERM can lean on the stripe and fail at "
+            f"tumour size is {dict(scenarios.HAZARD_SHIFT)['size']:g}. Pooled ERM can lean on the ghost and fail at "
             f"the smallest site; that site's (site x class) groups are where group DRO's weights should go.")
 
 

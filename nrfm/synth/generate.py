@@ -11,7 +11,7 @@ group DRO (two scenarios, :mod:`nrfm.synth.scenarios`).
   each site with its own orientation and voxel spacing in the header; gzip with mtime 0 (byte-stable).
 - ``oracle.csv`` (subject_id, endpoint, value): for every exam, the exact posterior P(label = 1 | what the
   generator put into the image, site) for the eight binary endpoints, the true Ki-67 and TP53-IHC values
-  (%, also where the manifest masks them), and ``artifact`` (1 = the stripe ghost, the scenario's cue, is in
+  (%, also where the manifest masks them), and ``artifact`` (1 = the ghost artifact, the scenario's cue, is in
   the images).
 - ``oracle_auc.csv`` (endpoint, site incl. ``all``, n, n_pos, auc, bound, n_test, n_pos_test, auc_test): AUC
   of the oracle against the labels the manifest reports (masked labels excluded, as in the kit's metrics).
@@ -38,8 +38,8 @@ The rules, in detail in the helper modules' docstrings:
 - Site: orientation, spacing, blur, bias field, Rician noise, gain and offset per contrast, and per-exam
   protocol settings drawn from per-site distributions that overlap (tissue contrast, enhancement, FLAIR
   suppression, slice profile, noise and bias strength): site effects that survive the z-score.
-- Scenario (:mod:`nrfm.synth.scenarios`): ``site-shift`` plants a stripe ghost (14 mm period along the phase
-  axis, survives crop and z-scoring) that agrees with EGFR at the large sites and is reversed at the smallest,
+- Scenario (:mod:`nrfm.synth.scenarios`): ``site-shift`` plants a ghost artifact (a copy of the head shifted by
+  half the phase-encoding field of view; survives crop and z-scoring) that agrees with EGFR at the large sites and is reversed at the smallest,
   whose EGFR phenotype and size hazard also differ; ``no-shift`` keeps the same cue label-free.
 - Survival: Weibull proportional hazards in age, IDH, MGMT, grade, size and necrosis; site censoring;
   reported on each patient's first exam only.
@@ -70,7 +70,7 @@ from nrfm.synth.oracle import held_out_floor_table, oracle_auc_table, oracle_cin
 from nrfm.synth.scenarios import CUE_ENDPOINT, SCENARIOS, apply_scenario, check_scenario, latent_dro_check
 from nrfm.synth.sites import CONTRASTS, KNOWN_SITES, SiteTemplate, parse_site_spec
 from nrfm.synth.anatomy import (ENHANCEMENT_GAIN, FOCUS_SD_MM, MARGIN_CLIP_MM, MARGIN_MM, PROTOCOL_FACTOR,
-                                 PROTOCOL_SD, STRIPE, TISSUE, render_subject, site_grid)
+                                 PROTOCOL_SD, GHOST, TISSUE, render_subject, site_grid)
 from nrfm.synth.exams import (CODEL_TESTED_IDH_MUTANT, CODEL_TESTED_IDH_WILDTYPE_MAX, MIN_NON_TEST_SHARE,  # noqa: F401
                               exam_table)
 from nrfm.synth.markers import FEATURES, MODEL, marginal_prevalence, marker_latents, site_survival
@@ -240,8 +240,8 @@ def _cohort_json(exams, sites, profile, seed, spec, spacings, plan, check) -> di
                     "calcification_focus_sd_mm": FOCUS_SD_MM, "margin_mm": MARGIN_MM, "margin_clip_mm": MARGIN_CLIP_MM,
                     "resolution_note": "cues sized to be resolvable on a 3 mm grid; the weak core T1/T2 shifts "
                                        "(TERT, MGMT) are intensity cues, not sub-voxel, but small against noise"},
-        "artifact": {"kind": "stripe ghost: sinusoidal intensity modulation along the phase-encoding axis",
-                     **STRIPE, "per_site": {s.name: {"endpoint": s.artifact_endpoint, "p_if_label0": s.artifact_p[0],
+        "artifact": {"kind": "ghost: a copy of the head added at the given amplitude, shifted along the "
+                             "phase-encoding axis", **GHOST, "per_site": {s.name: {"endpoint": s.artifact_endpoint, "p_if_label0": s.artifact_p[0],
                                                      "p_if_label1": s.artifact_p[1]} for s in sites},
                      "recorded_in": "oracle.csv endpoint 'artifact'"},
         "oracle": "latent bound: exact posterior over the 576 (class, grade, marker) configurations given the "

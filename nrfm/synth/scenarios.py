@@ -6,8 +6,9 @@ prevalences, scanners and protocol distributions; only the planted mechanism dif
 ``site-shift`` (default): the minority-group structure group DRO is built for (Sagawa et al. 2020,
 Waterbirds), in medical form.
 
-- A salient, site-linked cue: the stripe ghost artifact (a protocol feature: it survives cropping and
-  z-scoring). At every site except the smallest it agrees with the EGFR label in most exams
+- A salient, site-linked cue: a ghost artifact (a copy of the head shifted by half the phase-encoding field
+  of view, :data:`nrfm.synth.anatomy.GHOST`: it survives cropping and z-scoring, and the pretrained embeddings
+  carry it, see notebook 02's cue check). At every site except the smallest it agrees with the EGFR label in most exams
   (P(cue | EGFR amplified) = 0.85, P(cue | not) = 0.15); at the smallest site it is reversed (0.15 / 0.85).
   ERM on the pooled training data leans on it and loses at the smallest site; a model that weights the
   (site x class) groups cannot ignore the smallest site's groups, where the cue misleads.
@@ -85,7 +86,7 @@ def apply_scenario(site_list: list[tuple[SiteTemplate, int]], scenario: str,
             new = replace(site, artifact_endpoint=CUE_ENDPOINT, artifact_p=(rate, rate), phenotype_shift=(),
                           hazard_shift=())
         out.append((new, n))
-    plan = {"name": scenario, "smallest_site": small, "cue": "stripe ghost artifact (oracle.csv 'artifact')",
+    plan = {"name": scenario, "smallest_site": small, "cue": "ghost artifact (oracle.csv 'artifact')",
             "cue_endpoint": CUE_ENDPOINT, "affected_endpoints": list(AFFECTED),
             "cue_p": {s.name: {"p_if_label0": s.artifact_p[0], "p_if_label1": s.artifact_p[1]} for s, _ in out},
             "phenotype_shift": {s.name: [list(t) for t in s.phenotype_shift] for s, _ in out if s.phenotype_shift},

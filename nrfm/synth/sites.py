@@ -60,7 +60,7 @@ class SiteTemplate:
     bias: float  # bias-field strength (log-amplitude)
     scale: tuple[float, float, float, float]  # scanner gain per contrast (t1, t1c, t2, flair)
     offset: tuple[float, float, float, float]  # scanner offset per contrast (inside the brain)
-    phase_axis: int  # voxel axis of the phase-encoding direction (ghost stripes run along it)
+    phase_axis: int  # voxel axis of the phase-encoding direction (the ghost is shifted along it)
     artifact_endpoint: str = "egfr"
     artifact_p: tuple[float, float] = (0.1, 0.1)  # P(artifact | label 0), P(artifact | label 1)
     generic: bool = field(default=False)

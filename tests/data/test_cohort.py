@@ -94,7 +94,7 @@ def test_fixed_test_patients_stay_test(smoke_ctx):
 def test_image_plant_check_runs_and_sees_the_cue(smoke_ctx):
     check = cohort.image_plant_check(smoke_ctx)
     assert list(check["objective"]) == ["erm", "dro"] and (check["site"] == "CUIMC").all()
-    assert check["cue_detection_auc"].iloc[0] > 0.9  # the stripe is plainly visible in the stored images
+    assert check["cue_detection_auc"].iloc[0] > 0.9  # the ghost is plainly visible in the stored images
 
 
 def test_test_set_table_reads_the_floors_and_enrichment_from_cohort_json(tmp_path):
