@@ -25,7 +25,7 @@ from nrfm.errors import ConfigError, RunError
 from nrfm.files import atomic_write_csv, atomic_write_text
 from nrfm.pipeline.layout import RunLayout
 from nrfm.pipeline.workspace import resolve_config_file, resolve_in_workspace, workspace_root
-from nrfm.synth.generate import generate_cohort
+from nrfm.synth.generate import generate_cohort, generator_fingerprint
 
 
 def _numeric_if_possible(column: pd.Series) -> pd.Series:
@@ -182,10 +182,12 @@ def check_parameter(name: str, value: str, valid: Sequence[str]) -> list[str]:
 
 
 def cohort_manifest_path(cfg: Config) -> Path:
-    """Where the configured cohort's manifest is (the synthetic default is generated on demand)."""
+    """Where the configured cohort's manifest is (the synthetic default is generated on demand, in a folder named
+    by profile, scenario, seed and :func:`nrfm.synth.generate.generator_fingerprint`)."""
     if cfg.cohort.manifest:
         return resolve_in_workspace(cfg.cohort.manifest)
-    name = f"synthetic-{cfg.cohort.synth_profile}-{cfg.cohort.synth_scenario}-seed{cfg.cohort.synth_seed}"
+    name = (f"synthetic-{cfg.cohort.synth_profile}-{cfg.cohort.synth_scenario}-seed{cfg.cohort.synth_seed}"
+            f"-g{generator_fingerprint()}")
     if cfg.cohort.synth_sites:
         import hashlib
 

@@ -50,6 +50,7 @@ bytes of the manifest and images do not depend on the number of worker processes
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import multiprocessing
 import os
@@ -115,6 +116,16 @@ class SynthResult:
     manifest_path: Path
     oracle_auc: pd.DataFrame  # endpoint, site (each site and "all"), n, n_pos, auc
     seconds: float
+
+
+def generator_fingerprint() -> str:
+    """First 8 hex digits of the SHA-256 of the generator's source (``nrfm/synth/*.py``): it names the cohort
+    folder of a run (``nrfm.pipeline.context.cohort_manifest_path``), so a changed generator makes a new cohort
+    instead of silently reusing one drawn by older code, and older runs keep the images they were scored on."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:8]
 
 
 def _version() -> str:
@@ -230,7 +241,7 @@ def _cohort_json(exams, sites, profile, seed, spec, spacings, plan, check) -> di
             "hazard": site_survival(site),
         })
     return _plain({
-        "generator": "nrfm.synth.generate", "nrfm_version": _version(), "profile": profile.__dict__, "seed": int(seed),
+        "generator": "nrfm.synth.generate", "nrfm_version": _version(), "generator_fingerprint": generator_fingerprint(), "profile": profile.__dict__, "seed": int(seed),
         "scenario": plan["name"], "scenario_plan": plan, "latent_dro_gain": check["latent_dro_gain"],
         "latent_dro_check": check,
         "sites_spec": spec, "n_subjects": int(len(exams)), "n_patients": int(exams["patient_id"].nunique()),

@@ -467,3 +467,18 @@ def test_site_shift_changes_phenotype_and_hazard_at_the_smallest_site_only():
             assert CoxPHFitter().fit(X, "T", "E").params_["size"] == pytest.approx(0.6, abs=0.1)
         else:
             assert edema_gap == pytest.approx(base_gap, abs=1e-9)  # same draws, same phenotype
+
+
+def test_cohort_folder_is_named_by_the_generator_source(monkeypatch):
+    """A changed generator draws a new cohort instead of silently reusing one made by older code."""
+    from nrfm.config_loading import load_config
+    from nrfm.pipeline import context
+    from nrfm.synth.generate import generator_fingerprint
+
+    fingerprint = generator_fingerprint()
+    assert len(fingerprint) == 8 and int(fingerprint, 16) >= 0 and fingerprint == generator_fingerprint()
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml")
+    path = context.cohort_manifest_path(cfg)
+    assert path.parent.name.endswith(f"-seed{cfg.cohort.synth_seed}-g{fingerprint}")
+    monkeypatch.setattr(context, "generator_fingerprint", lambda: "0123abcd")
+    assert context.cohort_manifest_path(cfg).parent.name.endswith("-g0123abcd")
