@@ -219,13 +219,19 @@ class FinetuningConfig:
     # selection can keep a heads-only epoch; 0 = the backbone part trains from the first epoch
     head_epochs: int = 0
     weight_decay: float = 1e-4  # AdamW weight decay when search_weight_decay is empty
+    # L2 penalty lambda / 2 * ||W||^2 on the heads' weights (not biases), added to the training objective as in
+    # Sagawa et al. 2020 (SGD weight decay, i.e. a coupled L2): group DRO only beats ERM on worst groups with strong
+    # L2 (their lambda = 1) or early stopping. AdamW's decoupled weight decay at lr 3e-3 shrinks a weight by
+    # lr * weight_decay = 3e-5 per step, no regulariser at these step counts. When search_head_l2 is empty
+    head_l2: float = 0.0
     dro_groups: str = "site_class"  # site_class | site | class (within each endpoint)
     dro_eta: float = 0.01  # step size of the exponentiated-gradient update of q, when search_dro_eta is empty
     dro_adjustment: float = 0.0  # C in the adjustment C / sqrt(n_g); 0 = off; when search_dro_adjustment is empty
     # regularisation grid, every objective gets the same weight-decay grid; DRO also eta x C (product)
-    search_weight_decay: tuple[float, ...] = (1e-4, 1e-2)
+    search_weight_decay: tuple[float, ...] = (1e-4,)
     search_dro_eta: tuple[float, ...] = (0.01, 0.1)
     search_dro_adjustment: tuple[float, ...] = ()
+    search_head_l2: tuple[float, ...] = (0.0, 0.1, 1.0)
     # successive halving: every grid point trains this many epochs, then only the best one trains on to `epochs`
     # (0 = every point trains all epochs); keeps the default grid's fine-tuning time within ~2.5x one fit per objective
     search_rung_epochs: int = 5
@@ -241,13 +247,14 @@ class FinetuningConfig:
     channels_last: bool = True
 
     def settings(self, objective: str) -> list[dict[str, float]]:
-        """The regularisation grid of ``objective``: dicts with weight_decay, dro_eta, dro_adjustment."""
+        """The regularisation grid of ``objective``: dicts with weight_decay, head_l2, dro_eta, dro_adjustment."""
         decays = self.search_weight_decay or (self.weight_decay,)
+        l2s = self.search_head_l2 or (self.head_l2,)
         etas = (self.search_dro_eta or (self.dro_eta,)) if objective == "dro" else (self.dro_eta,)
         adjustments = ((self.search_dro_adjustment or (self.dro_adjustment,)) if objective == "dro"
                        else (self.dro_adjustment,))
-        return [{"weight_decay": float(wd), "dro_eta": float(eta), "dro_adjustment": float(c)}
-                for wd in decays for eta in etas for c in adjustments]
+        return [{"weight_decay": float(wd), "head_l2": float(l2), "dro_eta": float(eta), "dro_adjustment": float(c)}
+                for wd in decays for l2 in l2s for eta in etas for c in adjustments]
 
     def _check(self) -> None:
         _subset(self.objectives, OBJECTIVES, "objectives")
@@ -262,6 +269,8 @@ class FinetuningConfig:
         _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _require(self.backbone_lr_scale >= 0, "backbone_lr_scale", "must be >= 0")
         _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _require(self.head_l2 >= 0, "head_l2", "must be >= 0")
+        _require(all(v >= 0 for v in self.search_head_l2), "search_head_l2", "each value must be >= 0")
         _require(self.dro_groups in ("site_class", "site", "class"), "dro_groups",
                  f"unknown grouping {self.dro_groups!r}; valid: ['site_class', 'site', 'class']")
         _require(self.dro_eta > 0, "dro_eta", f"must be > 0, got {self.dro_eta}")
@@ -270,7 +279,7 @@ class FinetuningConfig:
         _require(all(v > 0 for v in self.search_dro_eta), "search_dro_eta", "each value must be > 0")
         _require(all(v >= 0 for v in self.search_dro_adjustment), "search_dro_adjustment",
                  "each value must be >= 0")
-        for key in ("search_weight_decay", "search_dro_eta", "search_dro_adjustment"):
+        for key in ("search_weight_decay", "search_head_l2", "search_dro_eta", "search_dro_adjustment"):
             values = getattr(self, key)
             _require(len(set(values)) == len(values), key, f"values must be distinct, got {list(values)}")
         _require(self.select_min_group_labels >= 1, "select_min_group_labels", "must be >= 1")

@@ -166,7 +166,7 @@ def finetuning_description(cfg: Config) -> str:
     for objective in f.objectives:
         settings = f.settings(objective)
         points = ", ".join("{" + ", ".join(f"{k}={v:g}" for k, v in s.items()
-                                           if objective == "dro" or k == "weight_decay") + "}" for s in settings)
+                                           if objective == "dro" or k in ("weight_decay", "head_l2")) + "}" for s in settings)
         grid.append(f"{objective}: {len(settings)} point(s) {points}")
     rung = f.search_rung_epochs
     halving = (f"one round of successive halving: every point trains {rung} epochs, only the best so far trains on "

@@ -57,7 +57,7 @@ def _write_selection(ctx, method: str, objective: str, protocol: str, rows: list
     atomic_write_csv(path, frame.reset_index(drop=True))
 
 
-SELECTION_COLUMNS = ["backbone", "objective", "protocol", "fold", "setting", "weight_decay", "dro_eta",
+SELECTION_COLUMNS = ["backbone", "objective", "protocol", "fold", "setting", "weight_decay", "head_l2", "dro_eta",
                      "dro_adjustment", "epochs_trained", "best_epoch", "val_worst_group_loss", "chosen", "selected_on"]
 
 

@@ -232,6 +232,8 @@ class _Training:
                 continue
             weight = None if self.label_weight is None else self.label_weight[positions].to(device)[known]
             loss = obj.loss(losses, self.train_index[positions].to(device)[known], weight)
+            if cfg.head_l2 > 0:
+                loss = loss + head_l2_penalty(model.heads, cfg.head_l2)
             if not torch.isfinite(loss):
                 raise TrainingError(f"{self.desc}: non-finite loss at epoch {self.epoch + 1}; lower finetuning.lr "
                                     "or finetuning.dro_eta")
@@ -283,6 +285,12 @@ class _Training:
                          val_worst_site_auc=auc_score, val_site_auc=per_site)
 
 
+def head_l2_penalty(heads: nn.Module, l2: float) -> Tensor:
+    """``l2 / 2`` times the summed squares of the heads' weights (every parameter but biases; the LayerNorm's
+    scale too, or it could grow to undo a shrunken linear layer): the coupled L2 of Sagawa et al. 2020."""
+    return 0.5 * l2 * sum(p.float().pow(2).sum() for name, p in heads.named_parameters() if not name.endswith("bias"))
+
+
 def fit(backbone: nn.Module, inputs: Tensor, manifest: pd.DataFrame, train_rows: np.ndarray, val_rows: np.ndarray,
         cfg: FinetuningConfig, objective: str, device: torch.device, seed: int, progress: bool = True,
         desc: str = "finetune") -> FitResult:
@@ -308,6 +316,8 @@ def fit(backbone: nn.Module, inputs: Tensor, manifest: pd.DataFrame, train_rows:
 def setting_label(objective: str, setting: dict[str, float]) -> str:
     """Short name of a grid point, e.g. ``weight_decay=0.01 eta=0.1 C=0`` (eta and C for group DRO only)."""
     label = f"weight_decay={setting['weight_decay']:g}"
+    if setting.get("head_l2", 0.0):
+        label += f" head_l2={setting['head_l2']:g}"
     if objective == "dro":
         label += f" eta={setting['dro_eta']:g} C={setting['dro_adjustment']:g}"
     return label

@@ -148,7 +148,8 @@ def test_finetuning_description_names_the_mode(configs, mode):
 def test_finetuning_description_follows_the_grid(configs):
     default = notebook_text.finetuning_description(configs["configs/default.yaml"])
     smoke = notebook_text.finetuning_description(configs["configs/smoke.yaml"])
-    assert "successive halving: every point trains 5 epochs" in default and "dro: 4 point(s)" in default
+    assert "successive halving: every point trains 5 epochs" in default and "dro: 6 point(s)" in default
+    assert "head_l2=1" in default
     assert "every point trains all 2 epochs" in smoke and "dro: 1 point(s)" in smoke
 
 

@@ -53,7 +53,7 @@ def fake_context(tmp_path, n=60, seed=0, **finetuning):
     images = rng.normal(size=(n, 4, SIZE, SIZE, SIZE)).astype(np.float32)
     images[:, 0] += latent[:, None, None, None]
     data = [{"image": images[i], "index": i} for i in range(n)]
-    one_point = {"search_weight_decay": (), "search_dro_eta": ()}  # the search has its own test
+    one_point = {"search_weight_decay": (), "search_head_l2": (), "search_dro_eta": ()}  # the search has its own test
     cfg = Config(finetuning=FinetuningConfig(**{"epochs": 2, "batch_size": 8, **one_point, **finetuning}),
                  analyses=AnalysesConfig(bootstrap=20))
     return RunContext(config=cfg, run_dir=tmp_path, manifest=df, cohort_dir=tmp_path, _dataset=data)
@@ -326,13 +326,15 @@ def test_worst_group_loss_is_the_mean_over_endpoints_of_each_worst_group():
 def test_regularisation_grid_and_selection_file(tmp_path):
     cfg = FinetuningConfig()
     assert cfg.objectives == ("erm", "reweighted", "dro")
-    assert len(cfg.settings("erm")) == len(cfg.settings("reweighted")) == 2 and len(cfg.settings("dro")) == 4
-    ctx = fake_context(tmp_path, mode="linear", search_weight_decay=(1e-4, 1e-2), search_dro_eta=(0.01, 0.1))
+    assert len(cfg.settings("erm")) == len(cfg.settings("reweighted")) == 3 and len(cfg.settings("dro")) == 6
+    assert sorted({s["head_l2"] for s in cfg.settings("dro")}) == [0.0, 0.1, 1.0]
+    ctx = fake_context(tmp_path, mode="linear", search_weight_decay=(1e-4, 1e-2), search_head_l2=(),
+                       search_dro_eta=(0.01, 0.1))
     run_finetune_stage(ctx, "byol", "dro", "pooled", progress=False, backbone=TinyBackbone())
     run_finetune_stage(ctx, "byol", "erm", "pooled", progress=False, backbone=TinyBackbone())
     table = ctx.read_metrics("finetune_selection")
-    assert list(table.columns) == ["backbone", "objective", "protocol", "fold", "setting", "weight_decay", "dro_eta",
-                                   "dro_adjustment", "epochs_trained", "best_epoch", "val_worst_group_loss", "chosen",
+    assert list(table.columns) == ["backbone", "objective", "protocol", "fold", "setting", "weight_decay", "head_l2",
+                                   "dro_eta", "dro_adjustment", "epochs_trained", "best_epoch", "val_worst_group_loss", "chosen",
                                    "selected_on"]
     dro = table[table["objective"] == "dro"]
     assert len(dro) == 4 and len(table[table["objective"] == "erm"]) == 2 and dro["chosen"].sum() == 1
@@ -361,7 +363,7 @@ def test_reweighted_runs_on_balanced_draws(tmp_path):
 
 def test_successive_halving_trains_only_the_leader_to_the_end(tmp_path):
     ctx = fake_context(tmp_path, mode="linear", epochs=4, search_rung_epochs=1, search_weight_decay=(1e-4, 1e-2),
-                       search_dro_eta=(0.01, 0.1))
+                       search_head_l2=(), search_dro_eta=(0.01, 0.1))
     run_finetune_stage(ctx, "byol", "dro", "pooled", progress=False, backbone=TinyBackbone())
     table = ctx.read_metrics("finetune_selection")
     chosen, others = table[table["chosen"]], table[~table["chosen"]]
@@ -460,3 +462,23 @@ def test_heads_first_epochs_leave_the_backbone_as_pretrained_then_train_it(tmp_p
     run.advance(3)
     assert not all(torch.equal(a, p) for a, p in zip(tail, (p for m in run.split.tail_modules for p in m.parameters())))
     assert [e["phase"] for e in run.history] == ["heads", "heads", "backbone"]
+
+
+def test_head_l2_is_the_coupled_penalty_of_group_dro_and_shrinks_the_heads(tmp_path):
+    """head_l2 adds lambda / 2 * (sum of squared head weights, biases excluded) to the objective (Sagawa et al.
+    2020's strong L2); a strong one leaves smaller head weights than none, with the same batches and seed."""
+    from nrfm.train.finetune_fit import head_l2_penalty
+
+    heads = nn.Sequential(nn.LayerNorm(5), nn.Linear(5, 3))
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_()
+    expected = 0.5 * 0.3 * (heads[0].weight.pow(2).sum() + heads[1].weight.pow(2).sum())
+    assert float(head_l2_penalty(heads, 0.3)) == pytest.approx(float(expected), rel=1e-6)
+    norms = {}
+    for l2 in (0.0, 1.0):
+        ctx = fake_context(tmp_path / str(l2), mode="linear", epochs=8, lr=0.05, head_l2=l2)
+        run_finetune_stage(ctx, "byol", "erm", "pooled", progress=False, backbone=TinyBackbone())
+        model = load_finetuned(ctx, "byol", "erm", backbone=TinyBackbone())
+        norms[l2] = float(model.heads[1].weight.norm())
+    assert norms[1.0] < 0.7 * norms[0.0]
