@@ -340,7 +340,8 @@ def image_plant_check(ctx: RunContext) -> pd.DataFrame | None:
     """The plant seen in the images, not the latents (synthetic cohorts with a scenario only).
 
     Three hand-made features per exam from the stored images: the ghost score along the site's phase-encoding
-    axis (the cue, :func:`_ghost_score`), oedema and tumour-core volume from the label map (the EGFR phenotype). An ERM and a
+    axis (the cue, :func:`_ghost_score`), oedema and tumour-core volume from the label map (the EGFR phenotype).
+    An ERM and a
     group-DRO logistic model (as in the generator's latent check) are fitted on the run's train and val exams
     and scored on the smallest site's test exams. Returns one row per objective: endpoint, site, n, n_pos,
     auc; plus ``cue_detection_auc``, the ghost score's AUC for the true cue.

@@ -39,8 +39,9 @@ The rules, in detail in the helper modules' docstrings:
   protocol settings drawn from per-site distributions that overlap (tissue contrast, enhancement, FLAIR
   suppression, slice profile, noise and bias strength): site effects that survive the z-score.
 - Scenario (:mod:`nrfm.synth.scenarios`): ``site-shift`` plants a ghost artifact (a copy of the head shifted by
-  half the phase-encoding field of view; survives crop and z-scoring) that agrees with EGFR at the large sites and is reversed at the smallest,
-  whose EGFR phenotype and size hazard also differ; ``no-shift`` keeps the same cue label-free.
+  half the phase-encoding field of view; survives crop and z-scoring) that agrees with EGFR at the large sites
+  and is reversed at the smallest, whose EGFR phenotype and size hazard also differ; ``no-shift`` keeps the
+  same cue label-free.
 - Survival: Weibull proportional hazards in age, IDH, MGMT, grade, size and necrosis; site censoring;
   reported on each patient's first exam only.
 
