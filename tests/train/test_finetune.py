@@ -473,8 +473,9 @@ def test_head_l2_is_the_coupled_penalty_of_group_dro_and_shrinks_the_heads(tmp_p
     with torch.no_grad():
         for p in heads.parameters():
             p.normal_()
-    expected = 0.5 * 0.3 * (heads[0].weight.pow(2).sum() + heads[1].weight.pow(2).sum())
-    assert float(head_l2_penalty(heads, 0.3)) == pytest.approx(float(expected), rel=1e-6)
+    with torch.no_grad():
+        expected = 0.5 * 0.3 * (heads[0].weight.pow(2).sum() + heads[1].weight.pow(2).sum())
+        assert float(head_l2_penalty(heads, 0.3)) == pytest.approx(float(expected), rel=1e-6)
     norms = {}
     for l2 in (0.0, 1.0):
         ctx = fake_context(tmp_path / str(l2), mode="linear", epochs=8, lr=0.05, head_l2=l2)
