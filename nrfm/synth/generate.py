@@ -60,6 +60,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -124,8 +125,8 @@ def generator_fingerprint() -> str:
     folder of a run (``nrfm.pipeline.context.cohort_manifest_path``), so a changed generator makes a new cohort
     instead of silently reusing one drawn by older code, and older runs keep the images they were scored on."""
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for source in sorted((f for f in files("nrfm.synth").iterdir() if f.name.endswith(".py")), key=lambda f: f.name):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
     return digest.hexdigest()[:8]
 
 
