@@ -481,5 +481,5 @@ def test_head_l2_is_the_coupled_penalty_of_group_dro_and_shrinks_the_heads(tmp_p
         ctx = fake_context(tmp_path / str(l2), mode="linear", epochs=8, lr=0.05, head_l2=l2)
         run_finetune_stage(ctx, "byol", "erm", "pooled", progress=False, backbone=TinyBackbone())
         model = load_finetuned(ctx, "byol", "erm", backbone=TinyBackbone())
-        norms[l2] = float(model.heads[1].weight.norm())
+        norms[l2] = float(model.heads[1].weight.detach().norm())
     assert norms[1.0] < 0.7 * norms[0.0]
