@@ -166,7 +166,8 @@ def finetuning_description(cfg: Config) -> str:
     for objective in f.objectives:
         settings = f.settings(objective)
         points = ", ".join("{" + ", ".join(f"{k}={v:g}" for k, v in s.items()
-                                           if objective == "dro" or k in ("weight_decay", "head_l2")) + "}" for s in settings)
+                                           if objective == "dro" or k in ("weight_decay", "head_l2")) + "}"
+                           for s in settings)
         grid.append(f"{objective}: {len(settings)} point(s) {points}")
     rung = f.search_rung_epochs
     halving = (f"one round of successive halving: every point trains {rung} epochs, only the best so far trains on "
@@ -194,7 +195,8 @@ def shortcut_description(cfg: Config) -> str:
     if cfg.cohort.manifest:
         return "**Planted shortcut:** none (an imported cohort: nothing is planted, the ground truth is unknown)."
     agree = scenarios.CUE_AGREEMENT
-    cue = (f"a ghost artifact (a copy of the head shifted by half the field of view) shows in {agree:.0%} of {scenarios.CUE_ENDPOINT.upper()}-positive and "
+    cue = (f"a ghost artifact (a copy of the head shifted by half the field of view) shows in {agree:.0%} of "
+           f"{scenarios.CUE_ENDPOINT.upper()}-positive and "
            f"{1 - agree:.0%} of negative exams")
     if cfg.cohort.synth_scenario == "no-shift":
         return (f"**Planted shortcut (scenario `no-shift`, the control):** none. The ghost artifact appears at the "

@@ -243,7 +243,8 @@ def _cohort_json(exams, sites, profile, seed, spec, spacings, plan, check) -> di
             "hazard": site_survival(site),
         })
     return _plain({
-        "generator": "nrfm.synth.generate", "nrfm_version": _version(), "generator_fingerprint": generator_fingerprint(), "profile": profile.__dict__, "seed": int(seed),
+        "generator": "nrfm.synth.generate", "nrfm_version": _version(), "generator_fingerprint": generator_fingerprint(),
+        "profile": profile.__dict__, "seed": int(seed),
         "scenario": plan["name"], "scenario_plan": plan, "latent_dro_gain": check["latent_dro_gain"],
         "latent_dro_check": check,
         "sites_spec": spec, "n_subjects": int(len(exams)), "n_patients": int(exams["patient_id"].nunique()),
@@ -254,8 +255,9 @@ def _cohort_json(exams, sites, profile, seed, spec, spacings, plan, check) -> di
                     "resolution_note": "cues sized to be resolvable on a 3 mm grid; the weak core T1/T2 shifts "
                                        "(TERT, MGMT) are intensity cues, not sub-voxel, but small against noise"},
         "artifact": {"kind": "ghost: a copy of the head added at the given amplitude, shifted along the "
-                             "phase-encoding axis", **GHOST, "per_site": {s.name: {"endpoint": s.artifact_endpoint, "p_if_label0": s.artifact_p[0],
-                                                     "p_if_label1": s.artifact_p[1]} for s in sites},
+                             "phase-encoding axis", **GHOST,
+                     "per_site": {s.name: {"endpoint": s.artifact_endpoint, "p_if_label0": s.artifact_p[0],
+                                           "p_if_label1": s.artifact_p[1]} for s in sites},
                      "recorded_in": "oracle.csv endpoint 'artifact'"},
         "oracle": "latent bound: exact posterior over the 576 (class, grade, marker) configurations given the "
                   "phenotype latents, the artifact and the site (not the best achievable from the images: noise, "

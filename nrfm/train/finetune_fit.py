@@ -35,8 +35,8 @@ epochs use the same objective, batches and grid as the others.
 
 **Model selection** (the same rule for every objective: the fair comparison). Each objective is fitted once
 per point of its regularisation grid (``FinetuningConfig.settings``: weight decay and the heads' L2,
-:func:`head_l2_penalty`; for group DRO also eta and C), each from the same pretrained weights and seed. After every epoch the validation subjects are scored, and the
-epoch and grid point with the lowest *worst-group validation loss* are kept
+:func:`head_l2_penalty`; for group DRO also eta and C), each from the same pretrained weights and seed. After
+every epoch the validation subjects are scored, and the epoch and grid point with the lowest *worst-group validation loss* are kept
 (:func:`~nrfm.train.finetune_data.worst_group_loss`: per endpoint the highest mean loss among its groups with at least
 ``select_min_group_labels`` validation labels, averaged over endpoints; the mean validation loss only if no group
 qualifies). Every point's score goes to ``metrics/finetune_selection.csv`` (written by the stage,

@@ -334,8 +334,8 @@ def test_regularisation_grid_and_selection_file(tmp_path):
     run_finetune_stage(ctx, "byol", "erm", "pooled", progress=False, backbone=TinyBackbone())
     table = ctx.read_metrics("finetune_selection")
     assert list(table.columns) == ["backbone", "objective", "protocol", "fold", "setting", "weight_decay", "head_l2",
-                                   "dro_eta", "dro_adjustment", "epochs_trained", "best_epoch", "val_worst_group_loss", "chosen",
-                                   "selected_on"]
+                                   "dro_eta", "dro_adjustment", "epochs_trained", "best_epoch", "val_worst_group_loss",
+                                   "chosen", "selected_on"]
     dro = table[table["objective"] == "dro"]
     assert len(dro) == 4 and len(table[table["objective"] == "erm"]) == 2 and dro["chosen"].sum() == 1
     assert table[table["objective"] == "erm"]["dro_eta"].isna().all()  # eta is not a setting of ERM
