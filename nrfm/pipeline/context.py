@@ -154,9 +154,15 @@ class RunContext:
         path = self.layout.metrics(name)
         return pd.read_csv(path) if path.is_file() else None
 
-    def save_figure(self, fig, name: str, formats: Sequence[str] = ("png",)) -> Path:
-        """Save a matplotlib figure under figures/ with a stable name (``name`` without extension)."""
-        first = None
+    def save_figure(self, fig, name: str, formats: Sequence[str] = ("png",), show: bool | None = None) -> Path:
+        """Save a matplotlib figure under figures/ with a stable name (``name`` without extension).
+
+        Args:
+            show: display the saved PNG in the notebook and close the figure, so that the inline backend does not
+                draw it a second time at the end of the cell (a figure of 30 panels takes about a second per draw).
+                Default: only inside a Jupyter kernel, and only when ``formats`` has ``png``.
+        """
+        first = png = None
         for fmt in formats:
             _made(self.layout.figures_dir)
             path = self.layout.figure(name, fmt)
@@ -164,7 +170,29 @@ class RunContext:
             fig.savefig(tmp, format=fmt, dpi=110, bbox_inches="tight")
             os.replace(tmp, path)
             first = first or path
+            png = path if fmt == "png" else png
+        if png is not None and (_in_kernel() if show is None else show):
+            _show_saved(fig, png)
         return first
+
+
+def _in_kernel() -> bool:
+    """Whether this code runs in a Jupyter kernel (papermill's included), where figures are displayed inline."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
+def _show_saved(fig, png: Path) -> None:
+    """Display the saved PNG (the same pixels as the report's file) and close ``fig`` so it is not drawn again."""
+    import matplotlib.pyplot as plt
+    from IPython.display import Image, display
+
+    display(Image(filename=str(png)))
+    plt.close(fig)
 
 
 def _made(path: Path) -> Path:
