@@ -5,17 +5,14 @@ Each function returns the matplotlib Figure and saves it through ``ctx.save_figu
 """
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
 
 from nrfm.config import SSL_METHODS  # noqa: E402
-from nrfm.errors import RunError  # noqa: E402
-from nrfm.schema import CONTRASTS  # noqa: E402
+from nrfm.errors import RunError
+from nrfm.schema import CONTRASTS
 from nrfm.ssl.views import BatchAugment, SampleViews, _item_seed, batch_generator, view_recipe
 
 CHANNELS = CONTRASTS
