@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from nrfm.config import SSL_METHODS  # noqa: E402
+from nrfm.config import SSL_METHODS
 from nrfm.errors import RunError
 from nrfm.schema import CONTRASTS
 from nrfm.ssl.views import BatchAugment, SampleViews, _item_seed, batch_generator, view_recipe
