@@ -219,11 +219,12 @@ def _site_numbers(train_embedding: np.ndarray, test_embedding: np.ndarray, sites
            f"{probe_ci}_ci_low": np.nan, f"{probe_ci}_ci_high": np.nan}
     notes = []
     label = f" ({suffix.strip('_')})" if suffix else ""
+    # the resamples of stratified_bootstrap_ci (patients whole, every site kept), drawn once and scored for all of
+    # them at once by both statistics (the same numbers as the loop, tested)
+    counts = bootstrap.draw(len(sites), n_boot, seed, clusters=groups, strata=sites)
     try:
         score, widths, k = pca_silhouette(train_embedding, test_embedding, sites, n_components)
         row.update({sil: score, "pca_components": k})
-        # the resamples of stratified_bootstrap_ci, scored for all of them at once (the same numbers, tested)
-        counts = bootstrap.draw(len(sites), n_boot, seed, clusters=groups, strata=sites)
         low, high = bootstrap.percentile_ci(bootstrap.mean(widths, counts))
         row.update({f"{sil_ci}_ci_low": low, f"{sil_ci}_ci_high": high})
     except ValueError as err:
@@ -231,7 +232,6 @@ def _site_numbers(train_embedding: np.ndarray, test_embedding: np.ndarray, sites
     try:
         pred = site_probe_predictions(test_embedding, sites, n_folds, seed, groups)
         row[probe] = float(balanced_accuracy_score(sites, pred))
-        counts = bootstrap.draw(len(sites), n_boot, seed, clusters=groups, strata=sites)
         low, high = bootstrap.percentile_ci(bootstrap.multiclass_balanced_accuracy(sites, pred, counts))
         row.update({f"{probe_ci}_ci_low": low, f"{probe_ci}_ci_high": high})
     except ValueError as err:
