@@ -32,7 +32,7 @@ from nrfm.errors import CheckpointError, DataError, TrainingError
 from nrfm.eval.metrics import binarize, rank_auc, youden_threshold
 from nrfm.files import atomic_torch_save, safe_torch_load
 from nrfm.models.backbones import ResNetBackbone, ViTBackbone
-from nrfm.train.monitor import use_bf16
+from nrfm.train.monitor import autocast_context
 
 GROUPINGS = ("site_class", "site", "class")
 
@@ -264,11 +264,6 @@ def split_backbone(backbone: nn.Module, mode: str) -> BackboneSplit:
                         "set finetuning.mode to 'full' or 'linear'")
 
 
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast when ``enabled`` and ``device`` runs bf16 natively (:func:`nrfm.train.monitor.use_bf16`)."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16(device, enabled))
-
-
 @torch.no_grad()
 def apply_in_batches(fn: Callable[[Tensor], Tensor], inputs: Tensor, device: torch.device, bf16: bool,
                      channels_last: bool, batch_size: int = 64) -> Tensor:
@@ -276,7 +271,7 @@ def apply_in_batches(fn: Callable[[Tensor], Tensor], inputs: Tensor, device: tor
     out = []
     for start in range(0, len(inputs), batch_size):
         x = to_device(inputs[start:start + batch_size], device, channels_last)
-        with autocast(device, bf16):
+        with autocast_context(device, bf16):
             out.append(fn(x).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 

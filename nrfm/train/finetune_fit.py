@@ -59,9 +59,10 @@ from tqdm.auto import tqdm
 from nrfm.config import CONTINUOUS_ENDPOINTS, FinetuningConfig, OBJECTIVES
 from nrfm.errors import TrainingError
 from nrfm.train.dro import GroupDRO, build_objective
-from nrfm.train.finetune_data import (GroupSpec, apply_in_batches, autocast, build_groups, cuts_of, regression_stats,
+from nrfm.train.finetune_data import (GroupSpec, apply_in_batches, build_groups, cuts_of, regression_stats,
                                       split_backbone, standardise_targets, to_device, worst_group_loss,
                                       worst_site_mean_auc)
+from nrfm.train.monitor import autocast_context
 from nrfm.train.samplers import balanced_batches, balanced_row_probabilities, epoch_batches, importance_weights
 
 
@@ -225,7 +226,7 @@ class _Training:
                 raw = model.head_outputs(self._embedding(rows)).float()
             else:
                 x = to_device(self.inputs[rows], device, cfg.channels_last)
-                with autocast(device, cfg.bf16):
+                with autocast_context(device, cfg.bf16):
                     raw = model.head_outputs(self.split.tail(x)).float()
             losses, known = elementwise_loss(raw, self.targets[rows].to(device), model.is_continuous)
             if losses.numel() == 0:

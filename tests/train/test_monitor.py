@@ -9,7 +9,6 @@ def test_bf16_only_where_the_device_runs_it_natively(monkeypatch):
     import warnings
 
     from nrfm.train import monitor
-    from nrfm.train.finetune_data import autocast
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(monitor, "_BF16_FALLBACK_WARNED", set())
@@ -19,12 +18,12 @@ def test_bf16_only_where_the_device_runs_it_natively(monkeypatch):
             assert not torch.is_autocast_enabled("cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once per device type
-        with autocast(cpu, True):
+        with monitor.autocast_context(cpu, True):
             assert not torch.is_autocast_enabled("cpu")
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     with monitor.autocast_context(cpu, True):
         assert torch.is_autocast_enabled("cpu")
-    with autocast(cpu, True):
+    with monitor.autocast_context(cpu, True):
         assert torch.is_autocast_enabled("cpu")
     with monitor.autocast_context(cpu, False):
         assert not torch.is_autocast_enabled("cpu")
