@@ -41,14 +41,14 @@ from nrfm.bench.pipelines import pipeline, scaling, soak
 from nrfm.config import Config
 from nrfm.config_loading import load_config
 from nrfm.files import atomic_write_json
-from nrfm.models.backbones import build_backbone
+from nrfm.models.backbones import build_backbone, use_channels_last
 from nrfm.pipeline.context import open_run
 from nrfm.pipeline.workspace import resolve_config_file, workspace_root
 from nrfm.ssl import build_method
 from nrfm.synth.generate import generate_cohort
 from nrfm.ssl.views import EpochSampler, SampleViews, ViewDataset, view_recipe
 from nrfm.train.monitor import autocast_context, use_bf16
-from nrfm.train.pretrain import configure_threads, make_loader, train_method
+from nrfm.train.pretrain import build_optimizer, configure_threads, make_loader, train_method
 
 PARTS = ("throughput", "flops", "loader", "scaling", "smoke", "default", "soak")
 KEYS = ("pretrain_speedup_vs_baseline", "flops_fraction_of_matmul", "loader_over_training", "smoke_run_seconds",
@@ -140,8 +140,9 @@ def _fixed_step(cfg: Config, method: str, volume: Sequence[int], device: torch.d
     torch.manual_seed(cfg.seed)
     model = build_method(method, build_backbone(method, pcfg, volume), pcfg).to(device)
     fmt = torch.channels_last_3d if pcfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=pcfg.lr)
+    if pcfg.channels_last:
+        use_channels_last(model)
+    optimizer = build_optimizer(model, cfg)  # the training loop's optimizer (fused AdamW where available)
     recipe = view_recipe(method, pcfg)
     sizes = [pcfg.view_size_of(method)] * recipe.n_global + [pcfg.local_view_size] * recipe.n_local
     views = [torch.randn(pcfg.batch_size, 4, *s, device=device).contiguous(memory_format=fmt) for s in sizes]

@@ -28,7 +28,9 @@ Where the work happens (``PretrainingConfig.batch_augment`` and ``augment_on``):
   overhead) and then applies the photometric and affine jitter to each view in
   torch (:meth:`BatchAugment.sample`), so augmentation overlaps with the training step instead of adding
   to it. Per view, a transform that is not drawn is skipped (affine 80 %, the others 50 %), which halves
-  the cost of augmenting the whole batch (about 14 ms instead of 30 ms per 16 views of 4 x 24^3 on one core).
+  the cost of augmenting the whole batch (18 ms instead of 38 ms per 16 views of 4 x 24^3 on one core,
+  2026-12-04). The bilinear resampling of the affine is now the largest part (0.6 ms per view); the blur is
+  three small matmuls and the affine grid one (:meth:`BatchAugment._blur`, :meth:`BatchAugment._resample`).
 * ``batch_augment: true, augment_on: device``: the same jitter on the whole batch on the training device
   (:meth:`BatchAugment.__call__`), for GPUs, where it costs a few kernels instead of CPU time in the workers.
 * ``batch_augment: false``: every transform runs per view in MONAI (``RandAffined``, ``RandScaleIntensityd``,
@@ -78,6 +80,24 @@ P_NOISE, NOISE_STD = 0.5, 0.1
 _BIAS_POWERS = tuple((i, j, k) for i in range(BIAS_DEGREE + 1) for j in range(BIAS_DEGREE + 1 - i)
                      for k in range(BIAS_DEGREE + 1 - i - j))
 N_BIAS_TERMS = len(_BIAS_POWERS)  # 10 for degree 2
+
+
+# uniforms per view in BatchAugment.sample: 7 choices, 3 angles, 3 scales, scale, shift, gamma, bias, 3 sigmas, noise
+_N_DRAWS = 7 + 3 + 3 + 1 + 1 + 1 + N_BIAS_TERMS + 3 + 1
+
+
+def _rotation_scale(angles: Sequence[float], scales: Sequence[float]) -> list[list[float]]:
+    """``Rz @ Ry @ Rx @ diag(scales)`` in Python floats (the matrix :meth:`BatchAugment._affine` builds)."""
+    (cx, cy, cz), (sx, sy, sz) = (math.cos(a) for a in angles), (math.sin(a) for a in angles)
+    rx = ((1, 0, 0), (0, cx, -sx), (0, sx, cx))
+    ry = ((cy, 0, sy), (0, 1, 0), (-sy, 0, cy))
+    rz = ((cz, -sz, 0), (sz, cz, 0), (0, 0, 1))
+
+    def mul(a, b):
+        return [[sum(a[i][k] * b[k][j] for k in range(3)) for j in range(3)] for i in range(3)]
+
+    m = mul(mul(rz, ry), rx)
+    return [[m[i][j] * scales[j] for j in range(3)] for i in range(3)]
 
 
 @dataclass(frozen=True)
@@ -284,39 +304,54 @@ class BatchAugment:
         """One view (C, D, H, W) -> augmented copy, with the distributions of :meth:`__call__`.
 
         Transforms that are not drawn are skipped rather than applied as identities (the saving that makes
-        per-view augmentation in the loader workers cheaper than augmenting the batch). A fixed number of
-        draws is taken from ``generator`` whatever is skipped, except the noise field.
+        per-view augmentation in the loader workers cheaper than augmenting the batch). Every parameter comes
+        from one draw of :data:`_N_DRAWS` uniforms, whatever is skipped, then the noise field if drawn; the
+        rotation matrix is built in Python floats (a few dozen tensor ops on 3-vectors cost more than the
+        blur).
         """
         dev = x.device
+        u = torch.rand(_N_DRAWS, generator=generator, device=dev, dtype=torch.float64).tolist()
+        p, u = u[:7], u[7:]
 
-        def uniform(lo: float, hi: float, *shape: int) -> Tensor:
-            return lo + (hi - lo) * torch.rand(*shape, generator=generator, device=dev, dtype=torch.float32)
+        def uniform(lo: float, hi: float, n: int) -> list[float]:
+            out = [lo + (hi - lo) * v for v in u[:n]]
+            del u[:n]
+            return out
 
-        p = torch.rand(7, generator=generator, device=dev).tolist()
-        angles, scales = uniform(-ROTATE_RAD, ROTATE_RAD, 1, 3), uniform(1 - SCALE, 1 + SCALE, 1, 3)
-        factor, shift = uniform(-INTENSITY_SCALE, INTENSITY_SCALE, 1), uniform(-INTENSITY_SHIFT, INTENSITY_SHIFT, 1)
-        gamma, coeff = uniform(*GAMMA_RANGE, 1), uniform(-BIAS_COEFF, BIAS_COEFF, 1, N_BIAS_TERMS)
-        sigma, noise_std = uniform(*BLUR_SIGMA, 1, 3), float(uniform(0.0, NOISE_STD, 1))
+        angles, scales = uniform(-ROTATE_RAD, ROTATE_RAD, 3), uniform(1 - SCALE, 1 + SCALE, 3)
+        (factor,), (shift,) = uniform(-INTENSITY_SCALE, INTENSITY_SCALE, 1), uniform(-INTENSITY_SHIFT, INTENSITY_SHIFT, 1)
+        gamma, coeff = uniform(*GAMMA_RANGE, 1), uniform(-BIAS_COEFF, BIAS_COEFF, N_BIAS_TERMS)
+        sigma, (noise_std,) = uniform(*BLUR_SIGMA, 3), uniform(0.0, NOISE_STD, 1)
         on = torch.ones(1, dtype=torch.bool, device=dev)
         dt, y = x.dtype, x.float()[None]
         if p[0] < P_AFFINE:
-            y = self._affine(y, on, angles, scales)
+            matrix = torch.tensor([_rotation_scale(angles, scales)], dtype=torch.float32, device=dev)
+            y = self._resample(y, matrix)
         if p[1] < P_INTENSITY:
             y = y * (1 + factor)
         if p[2] < P_INTENSITY:
             y = y + shift
         if p[3] < P_GAMMA:
-            y = self._gamma(y, on, gamma)
+            y = self._gamma(y, None, torch.tensor(gamma, device=dev))
         if p[4] < P_BIAS:
-            y = self._bias(y, on, coeff)
+            y = self._bias(y, on, torch.tensor([coeff], device=dev))
         if p[5] < P_BLUR:
-            y = self._blur(y, on, sigma)
+            y = self._blur(y, on, torch.tensor([sigma], device=dev))
         if p[6] < P_NOISE:
             y = y + noise_std * torch.randn(y.shape, generator=generator, device=dev, dtype=torch.float32)
         return y[0].to(dt)
 
     @staticmethod
-    def _affine(x: Tensor, on: Tensor, angles: Tensor, scales: Tensor) -> Tensor:
+    @functools.lru_cache(maxsize=16)
+    def _base_grid(d: int, h: int, w: int, device: torch.device) -> Tensor:
+        """(3, d*h*w) normalised coordinates (x, y, z) of ``F.affine_grid`` with ``align_corners=False`` (cached
+        per size): the grid of ``theta = [matrix | 0]`` is ``matrix`` times this, transposed."""
+        eye = torch.eye(3, 4, device=device)[None]
+        return F.affine_grid(eye, [1, 1, d, h, w], align_corners=False).reshape(-1, 3).T.contiguous()
+
+    @staticmethod
+    def _affine(x: Tensor, on: Tensor | None, angles: Tensor, scales: Tensor) -> Tensor:
+        """Rotation and scaling about the centre (bilinear, zero padding); ``on=None``: every sample."""
         cos, sin = angles.cos(), angles.sin()
         one, zero = torch.ones_like(cos[:, 0]), torch.zeros_like(cos[:, 0])
         rx = torch.stack([one, zero, zero, zero, cos[:, 0], -sin[:, 0], zero, sin[:, 0], cos[:, 0]], 1).view(-1, 3, 3)
@@ -324,19 +359,29 @@ class BatchAugment:
         rz = torch.stack([cos[:, 2], -sin[:, 2], zero, sin[:, 2], cos[:, 2], zero, zero, zero, one], 1).view(-1, 3, 3)
         # the grid maps output to input coordinates; scaling it by s (not 1/s) is RandAffine's convention
         matrix = rz @ ry @ rx @ torch.diag_embed(scales)
-        matrix = torch.where(on.view(-1, 1, 1), matrix, torch.eye(3, device=x.device).expand_as(matrix))
-        theta = torch.cat([matrix, torch.zeros(x.shape[0], 3, 1, device=x.device)], dim=2)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        return torch.where(on.view(-1, 1, 1, 1, 1), out, x)
+        if on is not None:
+            matrix = torch.where(on.view(-1, 1, 1), matrix, torch.eye(3, device=x.device).expand_as(matrix))
+        out = BatchAugment._resample(x, matrix)
+        return out if on is None else torch.where(on.view(-1, 1, 1, 1, 1), out, x)
 
     @staticmethod
-    def _gamma(x: Tensor, on: Tensor, gamma: Tensor) -> Tensor:
-        flat = x.flatten(1)
-        lo, hi = flat.min(1).values.view(-1, 1, 1, 1, 1), flat.max(1).values.view(-1, 1, 1, 1, 1)
+    def _resample(x: Tensor, matrix: Tensor) -> Tensor:
+        """``grid_sample`` of ``x`` (B, C, D, H, W) on ``F.affine_grid(theta = [matrix | 0])``, bilinear, zero
+        padding; the grid as (B, 3, 3) @ (3, N) on a cached base grid (15 us instead of the generator's 200 us,
+        a fifth of the affine's time for a 24^3 view on one core)."""
+        base = BatchAugment._base_grid(*x.shape[2:], x.device)  # (3, N): x, y, z
+        grid = (matrix @ base).transpose(1, 2).reshape(x.shape[0], *x.shape[2:], 3)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    @staticmethod
+    def _gamma(x: Tensor, on: Tensor | None, gamma: Tensor) -> Tensor:
+        """Gamma on each sample's min-max range; ``on=None``: every sample (no masking copy)."""
+        # a whole-tensor aminmax is ~15x faster than the per-row reduction on one view
+        extremes = torch.aminmax(x) if x.shape[0] == 1 else torch.aminmax(x.flatten(1), dim=1)
+        lo, hi = (v.view(-1, 1, 1, 1, 1) for v in extremes)
         span = (hi - lo).clamp_min(1e-6)
         out = ((x - lo) / span).clamp_min(0).pow(gamma.view(-1, 1, 1, 1, 1)) * span + lo
-        return torch.where(on.view(-1, 1, 1, 1, 1), out, x)
+        return out if on is None else torch.where(on.view(-1, 1, 1, 1, 1), out, x)
 
     @staticmethod
     @functools.lru_cache(maxsize=16)
@@ -358,24 +403,22 @@ class BatchAugment:
     @staticmethod
     def _blur(x: Tensor, on: Tensor, sigma: Tensor) -> Tensor:
         """Separable Gaussian blur, ``sigma`` (B, 3) per sample and axis: MONAI's ``GaussianFilter`` kernel
-        (``erf`` approximation, truncated at ``int(4 sigma + 0.5)`` voxels, zero padding). The convolution
-        spans the largest tail among the samples blurred; each kernel is zero beyond its own tail."""
-        b, c = x.shape[:2]
-        tails = (sigma * 4.0).clamp_min(0.5).add(0.5).floor()  # MONAI's gaussian_1d tail per sample and axis
+        (``erf`` approximation, truncated at ``int(4 sigma + 0.5)`` voxels, zero padding).
+
+        Each axis is one broadcast matmul with an (n, n) banded matrix per sample, ``K[i, j] = kernel(j - i)``:
+        rows near the border simply lack the taps that fall outside, which is zero padding. On one core that is
+        about 5x faster than a grouped ``conv3d`` over a padded copy (24^3 views)."""
+        b, c, d, h, w = x.shape
         if not bool(on.any()):
             return x
-        width = int(tails[on].max())
-        offsets = torch.arange(-width, width + 1, device=x.device, dtype=torch.float32)
-        identity = (offsets == 0).float()
-        y = x.reshape(1, b * c, *x.shape[2:])
-        for dim in range(3):
-            t = 0.70710678 / sigma[:, dim].view(-1, 1)
-            kernel = (0.5 * (torch.erf(t * (offsets + 0.5)) - torch.erf(t * (offsets - 0.5)))).clamp_min(0)
-            kernel = kernel * (offsets.abs() <= tails[:, dim].view(-1, 1))
-            kernel = torch.where(on.view(-1, 1), kernel, identity).repeat_interleave(c, dim=0)  # (B*C, k)
-            shape = [b * c, 1, 1, 1, 1]
-            shape[2 + dim] = 2 * width + 1
-            pad = [0, 0, 0, 0, 0, 0]
-            pad[2 * (2 - dim)] = pad[2 * (2 - dim) + 1] = width
-            y = F.conv3d(F.pad(y, pad, mode="constant", value=0.0), kernel.view(shape), groups=b * c)
-        return y.view_as(x)
+        tails = (sigma * 4.0).clamp_min(0.5).add(0.5).floor()  # MONAI's gaussian_1d tail per sample and axis
+        n = max(d, h, w)  # K[i, j] depends on j - i only: one (B, 3, n, n) stack, sliced per axis
+        index = torch.arange(n, device=x.device, dtype=torch.float32)
+        offsets = index[None, :] - index[:, None]  # j - i
+        t = (0.70710678 / sigma).view(b, 3, 1, 1)
+        kernel = (0.5 * (torch.erf(t * (offsets + 0.5)) - torch.erf(t * (offsets - 0.5)))).clamp_min(0)
+        kernel = kernel * (offsets.abs() <= tails.view(b, 3, 1, 1))
+        kernel = torch.where(on.view(b, 1, 1, 1), kernel, torch.eye(n, device=x.device).expand(b, 3, n, n))
+        y = x @ kernel[:, 2, :w, :w].transpose(1, 2)[:, None, None]  # along W
+        y = kernel[:, 1, :h, :h][:, None, None] @ y  # along H
+        return (kernel[:, 0, :d, :d][:, None] @ y.reshape(b, c, d, h * w)).view(b, c, d, h, w)  # along D

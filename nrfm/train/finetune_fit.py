@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 
 from nrfm.config import CONTINUOUS_ENDPOINTS, FinetuningConfig, OBJECTIVES
 from nrfm.errors import TrainingError
+from nrfm.models.backbones import use_channels_last
 from nrfm.train.dro import GroupDRO, build_objective
 from nrfm.train.finetune_data import (GroupSpec, apply_in_batches, build_groups, cuts_of, regression_stats,
                                       split_backbone, standardise_targets, to_device, worst_group_loss,
@@ -168,7 +169,7 @@ class _Training:
         self.model = model = FinetuneModel(backbone, self.endpoints, mean, std).to(device)
         self.split = split_backbone(model.backbone, cfg.mode)
         if cfg.channels_last:
-            model.backbone.to(memory_format=torch.channels_last_3d)
+            use_channels_last(model.backbone)
         self.targets = standardise_targets(manifest, self.endpoints, mean, std)  # (N, E) NaN = unknown
         self.groups = groups = build_groups(manifest, self.endpoints, train_rows, cfg.dro_groups, self.cuts)
         self.objective = build_objective(objective, len(groups.names), groups.counts, cfg.dro_eta,

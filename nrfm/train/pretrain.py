@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from nrfm.config import Config, SSL_METHODS
 from nrfm.errors import CheckpointError, ConfigError, RunError, TrainingError
 from nrfm.files import atomic_torch_save, safe_torch_load
-from nrfm.models.backbones import Backbone, backbone_arch, build_backbone
+from nrfm.models.backbones import Backbone, backbone_arch, build_backbone, use_channels_last
 from nrfm.pipeline.layout import PRETRAINED_FILE, RESUME_FILE
 from nrfm.ssl import build_method
 from nrfm.ssl.base import SSLMethod
@@ -145,12 +145,19 @@ def _seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
     random.seed(s)
 
 
-def _optimizer(method: SSLMethod, cfg: Config) -> torch.optim.AdamW:
-    # no weight decay on norms and biases (as in the DINO/MAE reference code)
+def build_optimizer(method: SSLMethod, cfg: Config) -> torch.optim.AdamW:
+    """The pretraining optimizer: AdamW, no weight decay on norms and biases (as in the DINO/MAE reference code)."""
     decay, no_decay = get_weight_decay_parameters([method])
     return torch.optim.AdamW([{"params": [p for p in decay if p.requires_grad]},
                               {"params": [p for p in no_decay if p.requires_grad], "weight_decay": 0.0}],
-                             lr=cfg.pretraining.lr, weight_decay=cfg.pretraining.weight_decay)
+                             lr=cfg.pretraining.lr, weight_decay=cfg.pretraining.weight_decay,
+                             fused=_fused_adamw(method))
+
+
+def _fused_adamw(module: torch.nn.Module) -> bool | None:
+    """``fused=True`` for AdamW where torch has the fused kernel (CPU and CUDA): one pass over all parameters
+    instead of a dozen small ops per tensor (the optimizer step was about a tenth of a BYOL step on 2 cores)."""
+    return True if all(p.device.type in ("cpu", "cuda") for p in module.parameters()) else None
 
 
 def _load_checkpoint(path: Path, method: str, arch: str, fingerprint: str) -> dict:
@@ -231,8 +238,8 @@ def _train(method_name: str, cfg: Config, dataset: Dataset, manifest: pd.DataFra
                 module.gather_distributed = True
     method = method.to(device)
     if pcfg.channels_last:
-        method = method.to(memory_format=torch.channels_last_3d)
-    optimizer = _optimizer(method, cfg)
+        method = use_channels_last(method)
+    optimizer = build_optimizer(method, cfg)
     monitor = RepresentationMonitor(dataset, manifest, pcfg.monitor_endpoint, pcfg.monitor_c, device, pcfg.bf16,
                                     pcfg.channels_last, seed=cfg.seed)
     loader, sampler = make_loader(dataset, train_idx, method_name, cfg, device, dinfo.world_size, dinfo.rank)

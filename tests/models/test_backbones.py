@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nrfm.models.backbones import ResNetBackbone, SmallInputSafeConv3d, backbone_arch, build_backbone
+from nrfm.models.backbones import (ResNetBackbone, SmallInputSafeConv3d, backbone_arch, build_backbone,
+                                   use_channels_last)
 from nrfm.config import PretrainingConfig
 from nrfm.config_loading import config_from_dict
 from nrfm.errors import ConfigError
@@ -104,3 +105,20 @@ def test_small_maps_run_in_float32_under_cpu_autocast():
         assert conv(torch.randn(2, 16, 3, 3, 3)).dtype == torch.bfloat16
     assert all(type(m) is SmallInputSafeConv3d for m in ResNetBackbone(width=4).modules()
                if isinstance(m, torch.nn.Conv3d))
+
+
+def test_channels_last_keeps_the_tiny_last_stages_contiguous_and_the_outputs():
+    torch.manual_seed(0)
+    plain = ResNetBackbone("resnet10", width=8, input_size=(24, 24, 24))
+    fast = ResNetBackbone("resnet10", width=8, input_size=(24, 24, 24))
+    fast.load_state_dict(plain.state_dict())
+    use_channels_last(use_channels_last(fast))  # twice: the input hook is registered once
+    sizes = fast.stage_sizes()  # 6, 3, 2, 1 voxels per side at 24^3
+    cl = torch.channels_last_3d
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        weight = getattr(fast.net, name)[0].conv1.weight
+        assert weight.is_contiguous(memory_format=cl) == (sizes[name] > 2), name
+        assert len(getattr(fast.net, name)._forward_pre_hooks) == (sizes[name] <= 2), name
+    assert fast.net.conv1.weight.is_contiguous(memory_format=cl)
+    x = torch.randn(2, 4, 24, 24, 24)
+    torch.testing.assert_close(fast.embed(x.contiguous(memory_format=cl)), plain.embed(x), atol=1e-4, rtol=1e-4)

@@ -113,3 +113,28 @@ def test_monai_and_torch_paths_draw_views_from_the_same_distribution():
         other = summaries(path, seed0)
         pvalues = {name: ks_2samp(monai[:, j], other[:, j]).pvalue for j, name in enumerate(names)}
         assert min(pvalues.values()) > 1e-3, (path, pvalues)
+
+
+def test_affine_is_affine_grid_then_grid_sample():
+    # the cached-grid affine against torch's own affine_grid + grid_sample, per sample, non-cubic volume
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randn(4, 2, 10, 12, 14, generator=gen)
+    angles = (torch.rand(4, 3, generator=gen) - 0.5) * 2 * views.ROTATE_RAD
+    scales = 1 + (torch.rand(4, 3, generator=gen) - 0.5) * 2 * views.SCALE
+    on = torch.tensor([True, False, True, True])
+    ours = BatchAugment._affine(images, on, angles, scales)
+    for i in range(4):
+        a, s = angles[i].double(), scales[i].double()
+        c, n = a.cos(), a.sin()
+        rx = torch.tensor([[1, 0, 0], [0, c[0], -n[0]], [0, n[0], c[0]]], dtype=torch.float64)
+        ry = torch.tensor([[c[1], 0, n[1]], [0, 1, 0], [-n[1], 0, c[1]]], dtype=torch.float64)
+        rz = torch.tensor([[c[2], -n[2], 0], [n[2], c[2], 0], [0, 0, 1]], dtype=torch.float64)
+        matrix = (rz @ ry @ rx @ torch.diag(s)).float() if on[i] else torch.eye(3)
+        if on[i]:  # the per-view path builds the same matrix in Python floats
+            np.testing.assert_allclose(views._rotation_scale(a.tolist(), s.tolist()), matrix.numpy(), atol=1e-6)
+        theta = torch.cat([matrix, torch.zeros(3, 1)], 1)[None]
+        grid = torch.nn.functional.affine_grid(theta, [1, 2, 10, 12, 14], align_corners=False)
+        reference = torch.nn.functional.grid_sample(images[i:i + 1], grid, mode="bilinear", padding_mode="zeros",
+                                                     align_corners=False)[0]
+        torch.testing.assert_close(ours[i], reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours[1], images[1])
