@@ -200,8 +200,8 @@ class FinetuningConfig:
     over the points of its regularisation grid (``search_*``: weight decay for all three, also eta and C for
     group DRO; an empty list means the single value of the scalar key), with one round of successive halving
     (``search_rung_epochs``); the point and the epoch with the lowest worst-group validation loss are kept
-    (:func:`nrfm.train.finetune_data.worst_group_loss`), and every point's score is written to
-    ``metrics/finetune_selection.csv``.
+    (:func:`nrfm.train.finetune_data.worst_group_loss`; in linear mode per endpoint, see ``selection``), and every
+    point's score is written to ``metrics/finetune_selection.csv``.
     """
 
     objectives: tuple[str, ...] = ("erm", "reweighted", "dro")
@@ -237,6 +237,11 @@ class FinetuningConfig:
     search_rung_epochs: int = 5
     # a validation group with fewer labels than this is left out of the worst-group validation loss
     select_min_group_labels: int = 3
+    # joint = one grid point and epoch for every head (the worst-group validation loss averaged over endpoints);
+    # per_endpoint = each endpoint's head from the grid point and epoch with its own lowest worst-group validation loss
+    # (linear mode only, where the heads are the whole model; every grid point then trains all epochs);
+    # auto = per_endpoint in linear mode, joint otherwise
+    selection: str = "auto"
     # the baselines every fine-tuned model is compared with (nrfm/eval/baselines.py): probe = logistic/ridge on the
     # frozen pretrained embedding; handcrafted = radiomics-style features; scratch = the same network randomly
     # initialised and fine-tuned the same way (ERM, same grid and selection)
@@ -245,6 +250,11 @@ class FinetuningConfig:
     tp53_ihc_threshold: float = 10.0  # percent of p53-positive nuclei; binarized as >= this
     bf16: bool = True
     channels_last: bool = True
+
+    @property
+    def per_endpoint_selection(self) -> bool:
+        """Whether each head is selected on its own endpoint (``selection``: per_endpoint, or auto in linear mode)."""
+        return self.selection == "per_endpoint" or (self.selection == "auto" and self.mode == "linear")
 
     def settings(self, objective: str) -> list[dict[str, float]]:
         """The regularisation grid of ``objective``: dicts with weight_decay, head_l2, dro_eta, dro_adjustment."""
@@ -283,6 +293,11 @@ class FinetuningConfig:
             values = getattr(self, key)
             _require(len(set(values)) == len(values), key, f"values must be distinct, got {list(values)}")
         _require(self.select_min_group_labels >= 1, "select_min_group_labels", "must be >= 1")
+        _require(self.selection in ("auto", "joint", "per_endpoint"), "selection",
+                 f"unknown selection {self.selection!r}; valid: ['auto', 'joint', 'per_endpoint']")
+        _require(self.selection != "per_endpoint" or self.mode == "linear", "selection",
+                 f"per_endpoint needs mode: linear (in {self.mode} mode the heads share the trained backbone part, "
+                 "so one epoch serves every head); use joint or auto")
         if self.baselines:  # empty = no baselines
             _subset(self.baselines, ("probe", "handcrafted", "scratch"), "baselines")
         _require(self.search_rung_epochs >= 0, "search_rung_epochs", f"must be >= 0, got {self.search_rung_epochs}")

@@ -33,6 +33,8 @@ def _write(tmp_path, data) -> Path:
     ({"preprocessing": {"spacing_mm": [1, 1]}}, "preprocessing.spacing_mm: expected a list of 3 values"),
     ({"pretraining": {"epochs": 0}}, "pretraining.epochs: must be >= 1"),
     ({"finetuning": {"dro_eta": 0}}, "finetuning.dro_eta: must be > 0"),
+    ({"finetuning": {"mode": "partial", "selection": "per_endpoint"}}, "finetuning.selection: per_endpoint needs mode"),
+    ({"finetuning": {"selection": "best"}}, "finetuning.selection: unknown selection 'best'"),
     ({"finetuning": {"objectives": ["erm", "irm"]}}, "finetuning.objectives: unknown value(s) ['irm']"),
     ({"pretraining": {"methods": ["simclr"]}}, "valid: ['byol', 'dino', 'mae', 'moco']"),
     ({"cohort": {"split_fractions": [0.5, 0.2, 0.2]}}, "cohort.split_fractions: must sum to 1"),

@@ -53,12 +53,16 @@ def _write_selection(ctx, method: str, objective: str, protocol: str, rows: list
         old = pd.read_csv(path, dtype={"backbone": str, "objective": str, "protocol": str, "fold": str})
         stale = (old["backbone"] == method) & (old["objective"] == objective) & (old["protocol"] == protocol)
         frame = pd.concat([old[~stale], frame], ignore_index=True)
-    frame = frame.sort_values(["backbone", "objective", "protocol", "fold", "setting"], kind="stable")
+    if "endpoint" not in frame:  # a table written before per-endpoint selection: its rows were joint
+        frame["endpoint"] = "all"
+    frame["endpoint"] = frame["endpoint"].fillna("all")
+    frame = frame.sort_values(["backbone", "objective", "protocol", "fold", "endpoint", "setting"], kind="stable")
     atomic_write_csv(path, frame.reset_index(drop=True))
 
 
-SELECTION_COLUMNS = ["backbone", "objective", "protocol", "fold", "setting", "weight_decay", "head_l2", "dro_eta",
-                     "dro_adjustment", "epochs_trained", "best_epoch", "val_worst_group_loss", "chosen", "selected_on"]
+SELECTION_COLUMNS = ["backbone", "objective", "protocol", "fold", "endpoint", "setting", "weight_decay", "head_l2",
+                     "dro_eta", "dro_adjustment", "epochs_trained", "best_epoch", "val_worst_group_loss", "chosen",
+                     "selected_on"]
 
 
 # -------------------------------------------------------------------------------------------------- stage
@@ -182,7 +186,8 @@ def run_finetune_stage(ctx, method: str, objective: str, protocol: str, progress
         history[fold] = {"epochs": result.history, "best_epoch": result.best_epoch, "groups": result.groups.names,
                          "group_counts": result.groups.counts.tolist(), "group_task": result.groups.task.tolist(),
                          "tasks": result.groups.task_names, "setting": result.setting, "search": result.search,
-                         "val_worst_site_auc": result.val_worst_site_auc, "val_site_auc": result.val_site_auc}
+                         "val_worst_site_auc": result.val_worst_site_auc, "val_site_auc": result.val_site_auc,
+                         "per_endpoint": result.per_endpoint}
         if keep_models:
             emb = apply_in_batches(tail, inputs, device, cfg.bf16, cfg.channels_last)
             _write_embeddings(ctx.layout.embeddings(method, objective), manifest, emb,

@@ -118,6 +118,8 @@ class FitResult:
     selection_key: tuple[int, float] = (2, float("inf"))  # lower is better; compared across grid points
     val_worst_site_auc: float = float("nan")  # of the kept model, for the record
     val_site_auc: dict[str, float] = field(default_factory=dict)
+    # per-endpoint selection: {endpoint: {"setting", grid values, "epoch", "val_worst_group_loss"}}; empty = joint
+    per_endpoint: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
@@ -338,6 +340,9 @@ def search_fit(backbone: nn.Module, inputs: Tensor, manifest: pd.DataFrame, trai
     all epochs and the lowest score wins. Ties keep the earlier point of the grid. The result carries the chosen
     ``setting`` and a ``search`` row per point (setting, epochs trained, best epoch, score).
     """
+    if cfg.per_endpoint_selection and len(cfg.endpoints) > 1:
+        return _search_per_endpoint(backbone, inputs, manifest, train_rows, val_rows, cfg, objective, device, seed,
+                                    progress, desc)
     settings = cfg.settings(objective)
     rung = cfg.search_rung_epochs if 0 < cfg.search_rung_epochs < cfg.epochs and len(settings) > 1 else cfg.epochs
     runs, rows = [], []
@@ -362,5 +367,88 @@ def search_fit(backbone: nn.Module, inputs: Tensor, manifest: pd.DataFrame, trai
                     # no validation group with select_min_group_labels labels: the mean validation loss decided
                     "selected_on": "worst_group_loss" if run.best[0] == 0 else "mean_val_loss"})
     best.setting = {"setting": rows[chosen]["setting"], **settings[chosen]}
-    best.search = rows
+    best.search = [{"endpoint": ",".join(cfg.endpoints) if len(cfg.endpoints) == 1 else "all", **row} for row in rows]
     return best
+
+
+def folded_head_rows(heads: nn.Sequential) -> tuple[Tensor, Tensor]:
+    """The heads (LayerNorm with scale g and shift b, then Linear W, c) as one linear map of the normalised
+    embedding: (E, d) weights ``W * g`` and (E,) biases ``W @ b + c``; each endpoint's row is its whole head."""
+    norm, linear = heads[0], heads[1]
+    with torch.no_grad():
+        return (linear.weight * norm.weight).detach().clone(), (linear.bias + linear.weight @ norm.bias).detach().clone()
+
+
+def set_folded_heads(heads: nn.Sequential, weight: Tensor, bias: Tensor) -> None:
+    """Load rows of :func:`folded_head_rows` into ``heads`` (the LayerNorm's scale set to 1 and its shift to 0),
+    so that ``heads`` computes exactly the heads they were folded from."""
+    norm, linear = heads[0], heads[1]
+    with torch.no_grad():
+        norm.weight.fill_(1.0)
+        norm.bias.zero_()
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+
+
+def _search_per_endpoint(backbone: nn.Module, inputs: Tensor, manifest: pd.DataFrame, train_rows: np.ndarray,
+                         val_rows: np.ndarray, cfg: FinetuningConfig, objective: str, device: torch.device, seed: int,
+                         progress: bool, desc: str) -> FitResult:
+    """Linear mode, per-endpoint selection: each endpoint's head is its own model, searched and selected alone.
+
+    With a frozen backbone the heads are the whole model, and one joint selection (one grid point and epoch for all
+    ten heads, on the worst-group loss averaged over endpoints) keeps for every endpoint the compromise of all, while
+    the multi-task loss weighs each endpoint by its share of the labels (about a tenth) against one L2 penalty on all
+    heads. So each endpoint is fitted by :func:`search_fit` on its own (same objective, grid, seed and selection rule
+    on that endpoint's groups), as the linear-probe baseline is, and the heads are put together into one model
+    (:func:`folded_head_rows`). The history is the endpoints' chosen runs averaged per epoch (q of group DRO per
+    group, each from its endpoint's run); ``per_endpoint`` records each endpoint's grid point and kept epoch.
+    """
+    endpoints = tuple(cfg.endpoints)
+    single = dataclasses.replace(cfg, selection="joint")
+    fits = {e: search_fit(backbone, inputs, manifest, train_rows, val_rows, dataclasses.replace(single, endpoints=(e,)),
+                          objective, device, seed, progress, f"{desc} {e}") for e in endpoints}
+    first = fits[endpoints[0]].model
+    mean = torch.cat([fits[e].model.target_mean for e in endpoints]).cpu()
+    std = torch.cat([fits[e].model.target_std for e in endpoints]).cpu()
+    model = FinetuneModel(first.backbone, endpoints, mean, std).to(device)
+    rows = [folded_head_rows(fits[e].model.heads) for e in endpoints]
+    set_folded_heads(model.heads, torch.cat([w for w, _ in rows]).to(device), torch.cat([b for _, b in rows]).to(device))
+    model.eval()
+
+    groups = build_groups(manifest, endpoints, train_rows, cfg.dro_groups, cuts_of(cfg))
+    composite = build_objective(objective, len(groups.names), groups.counts, cfg.dro_eta, cfg.dro_adjustment,
+                                groups.names, groups.task).to(device)
+    history = []
+    for k in range(max(len(f.history) for f in fits.values())):
+        entries = [f.history[k] for f in fits.values() if k < len(f.history)]
+        entry: dict[str, Any] = {"epoch": k + 1, "phase": entries[0]["phase"]}
+        for key in ("train_loss", "val_loss", "val_worst_group_loss"):
+            values = [e[key] for e in entries if np.isfinite(e[key])]
+            entry[key] = float(np.mean(values)) if values else float("nan")
+        entry["val_group_loss"] = {g: v for e in entries for g, v in e["val_group_loss"].items()}
+        if isinstance(composite, GroupDRO):
+            q = {name: e["q"][i] for f in fits.values() if k < len(f.history)
+                 for e in [f.history[k]] for i, name in enumerate(f.groups.names)}
+            entry["q"] = [q.get(name, float("nan")) for name in groups.names]
+        history.append(entry)
+    if isinstance(composite, GroupDRO):
+        final = {name: float(f.objective.q[i]) for f in fits.values() for i, name in enumerate(f.groups.names)}
+        with torch.no_grad():
+            composite.q.copy_(torch.tensor([final.get(n, float(composite.q[i])) for i, n in enumerate(groups.names)]))
+
+    split = split_backbone(model.backbone, cfg.mode)
+    raw = apply_in_batches(lambda z: model.head_outputs(split.tail(z)), inputs[val_rows], device, cfg.bf16,
+                           cfg.channels_last)
+    scores = model.to_output(raw.to(device)).cpu()
+    auc_score, per_site = worst_site_mean_auc(manifest.iloc[val_rows], endpoints, scores, cuts_of(cfg))
+    epochs = [f.best_epoch for f in fits.values()]
+    worst = [f.val_worst_group_loss for f in fits.values() if np.isfinite(f.val_worst_group_loss)]
+    result = FitResult(model, composite, history, max(set(epochs), key=epochs.count), groups,
+                       val_worst_group_loss=float(np.mean(worst)) if worst else float("nan"),
+                       selection_key=(0, float(np.mean(worst))) if worst else (2, float("inf")),
+                       val_worst_site_auc=auc_score, val_site_auc=per_site)
+    result.setting = {"setting": "per endpoint"}
+    result.per_endpoint = {e: {**f.setting, "epoch": f.best_epoch, "val_worst_group_loss": f.val_worst_group_loss}
+                           for e, f in fits.items()}
+    result.search = [row for f in fits.values() for row in f.search]
+    return result

@@ -54,7 +54,9 @@ def fake_context(tmp_path, n=60, seed=0, **finetuning):
     images[:, 0] += latent[:, None, None, None]
     data = [{"image": images[i], "index": i} for i in range(n)]
     one_point = {"search_weight_decay": (), "search_head_l2": (), "search_dro_eta": ()}  # the search has its own test
-    cfg = Config(finetuning=FinetuningConfig(**{"epochs": 2, "batch_size": 8, **one_point, **finetuning}),
+    # joint selection unless a test asks for per-endpoint selection (its own tests below)
+    cfg = Config(finetuning=FinetuningConfig(**{"epochs": 2, "batch_size": 8, "selection": "joint", **one_point,
+                                                **finetuning}),
                  analyses=AnalysesConfig(bootstrap=20))
     return RunContext(config=cfg, run_dir=tmp_path, manifest=df, cohort_dir=tmp_path, _dataset=data)
 
@@ -194,7 +196,7 @@ def test_figures_tables_and_paired_deltas(tmp_path):
 
     from nrfm.plots import finetune as finetune_plots
 
-    ctx = fake_context(tmp_path, mode="linear")
+    ctx = fake_context(tmp_path, mode="linear", selection="per_endpoint")  # the figures read a composed history
     for objective in ("erm", "dro"):
         run_finetune_stage(ctx, "byol", objective, "pooled", progress=False, backbone=TinyBackbone())
     for make in (finetune_plots.training_curves_figure, finetune_plots.group_weights_figure, finetune_plots.roc_figure):
@@ -333,9 +335,10 @@ def test_regularisation_grid_and_selection_file(tmp_path):
     run_finetune_stage(ctx, "byol", "dro", "pooled", progress=False, backbone=TinyBackbone())
     run_finetune_stage(ctx, "byol", "erm", "pooled", progress=False, backbone=TinyBackbone())
     table = ctx.read_metrics("finetune_selection")
-    assert list(table.columns) == ["backbone", "objective", "protocol", "fold", "setting", "weight_decay", "head_l2",
-                                   "dro_eta", "dro_adjustment", "epochs_trained", "best_epoch", "val_worst_group_loss",
-                                   "chosen", "selected_on"]
+    assert list(table.columns) == ["backbone", "objective", "protocol", "fold", "endpoint", "setting", "weight_decay",
+                                   "head_l2", "dro_eta", "dro_adjustment", "epochs_trained", "best_epoch",
+                                   "val_worst_group_loss", "chosen", "selected_on"]
+    assert set(table["endpoint"]) == {"all"}  # joint selection: one row per grid point
     dro = table[table["objective"] == "dro"]
     assert len(dro) == 4 and len(table[table["objective"] == "erm"]) == 2 and dro["chosen"].sum() == 1
     assert table[table["objective"] == "erm"]["dro_eta"].isna().all()  # eta is not a setting of ERM
@@ -483,3 +486,77 @@ def test_head_l2_is_the_coupled_penalty_of_group_dro_and_shrinks_the_heads(tmp_p
         model = load_finetuned(ctx, "byol", "erm", backbone=TinyBackbone())
         norms[l2] = float(model.heads[1].weight.detach().norm())
     assert norms[1.0] < 0.7 * norms[0.0]
+
+
+def test_folded_heads_compute_the_same_outputs():
+    from nrfm.train.finetune_fit import folded_head_rows, set_folded_heads
+
+    torch.manual_seed(0)
+    model = FinetuneModel(TinyBackbone(), ENDPOINTS)
+    with torch.no_grad():
+        for p in model.heads.parameters():
+            p.normal_()  # a LayerNorm scale and shift away from 1 and 0
+    z = torch.randn(7, model.backbone.embed_dim)
+    expected = model.head_outputs(z)
+    set_folded_heads(model.heads, *folded_head_rows(model.heads))
+    torch.testing.assert_close(model.head_outputs(z), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.heads[0].weight, torch.ones_like(model.heads[0].weight))
+
+
+def test_per_endpoint_selection_puts_together_the_fits_of_each_endpoint_alone(tmp_path):
+    """In linear mode each head is fitted and selected on its own endpoint (search_fit with that endpoint only);
+    the model put together predicts exactly what each endpoint's own fit predicts, the selection table has a row
+    per endpoint and grid point with one chosen per endpoint, and the history records every endpoint's choice."""
+    import dataclasses
+
+    from nrfm.data.splits import fold_rows
+    from nrfm.train.finetune_fit import search_fit
+
+    grid = {"search_head_l2": (0.0, 1.0), "search_dro_eta": (0.01, 0.1), "epochs": 3, "search_rung_epochs": 1}
+    ctx = fake_context(tmp_path, mode="linear", selection="per_endpoint", **grid)
+    cfg = ctx.config.finetuning
+    assert cfg.per_endpoint_selection
+    manifest = ctx.manifest.reset_index(drop=True)
+    fold = fold_rows(manifest, "pooled")[0]
+    inputs = torch.randn(len(manifest), TinyBackbone().embed_dim)
+    inputs[:, 0] += torch.from_numpy(manifest["idh"].fillna(0.5).to_numpy(dtype=np.float32))
+
+    class Identity(nn.Module):
+        embed_dim = TinyBackbone().embed_dim
+
+        def embed(self, x):
+            return x
+
+    device = torch.device("cpu")
+    for objective in ("erm", "dro"):
+        whole = search_fit(Identity(), inputs, manifest, fold.train, fold.val, cfg, objective, device, seed=3,
+                           progress=False)
+        with torch.no_grad():
+            out = whole.model.to_output(whole.model.head_outputs(inputs))
+        assert set(whole.per_endpoint) == set(ENDPOINTS) and whole.setting == {"setting": "per endpoint"}
+        for j, endpoint in enumerate(ENDPOINTS):
+            alone = search_fit(Identity(), inputs, manifest, fold.train, fold.val,
+                               dataclasses.replace(cfg, endpoints=(endpoint,), selection="joint"), objective, device,
+                               seed=3, progress=False)
+            with torch.no_grad():
+                expected = alone.model.to_output(alone.model.head_outputs(inputs))[:, 0]
+            torch.testing.assert_close(out[:, j], expected, rtol=1e-4, atol=1e-4)
+            assert whole.per_endpoint[endpoint]["setting"] == alone.setting["setting"]
+            assert whole.per_endpoint[endpoint]["epoch"] == alone.best_epoch
+        if objective == "dro":  # q of every group comes from its endpoint's fit
+            assert np.isfinite(whole.objective.q.numpy()).all() and len(whole.history[-1]["q"]) == len(whole.groups.names)
+
+    run_finetune_stage(ctx, "byol", "dro", "pooled", progress=False, backbone=TinyBackbone())
+    table = ctx.read_metrics("finetune_selection")
+    assert set(table["endpoint"]) == set(ENDPOINTS) and len(table) == len(ENDPOINTS) * 4
+    assert (table.groupby("endpoint")["chosen"].sum() == 1).all()
+    history = read_history(ctx, "byol", "dro")["folds"]["pooled"]
+    assert set(history["per_endpoint"]) == set(ENDPOINTS)
+
+
+def test_per_endpoint_selection_is_the_linear_mode_default():
+    """(A per_endpoint selection in another mode is refused by the config loader: tests/test_config.py.)"""
+    assert FinetuningConfig(mode="linear").per_endpoint_selection  # auto
+    assert not FinetuningConfig(mode="partial").per_endpoint_selection
+    assert not FinetuningConfig(mode="linear", selection="joint").per_endpoint_selection
+    assert FinetuningConfig(mode="linear", selection="per_endpoint").per_endpoint_selection
