@@ -185,7 +185,11 @@ def finetuning_description(cfg: Config) -> str:
         "training exam once per epoch, reweighted ERM and group DRO as many group-balanced draws;",
         f"- regularisation grid: {'; '.join(grid)}; {halving};",
         f"- kept: the grid point and epoch with the lowest worst-group validation loss (groups with at least "
-        f"{f.select_min_group_labels} validation labels), the same rule for every objective;",
+        f"{f.select_min_group_labels} validation labels), the same rule for every objective"
+        + ("; **per endpoint** (`finetuning.selection`): each endpoint's head is fitted and selected on its own "
+           "endpoint's groups, as the linear probe is, so each head has its own grid point and epoch "
+           "(`endpoint` column of the table below)" if f.per_endpoint_selection else
+           "; one grid point and epoch for all heads (the worst-group loss averaged over endpoints)") + ";",
         f"- protocols: {', '.join(f.protocols)}; baselines: {', '.join(f.baselines) or 'none'}.",
     ])
 

@@ -40,10 +40,12 @@ def training_curves_figure(ctx, method: str, protocol: str = "pooled",
     Saved as ``figures/finetune_curves_{method}_{protocol}.png``.
     """
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.6))
+    histories = []
     for objective in objectives:
         history = read_history(ctx, method, objective, protocol)
         if history is None:
             continue
+        histories.append(history)
         for k, (fold, run) in enumerate(history["folds"].items()):
             epochs = [e["epoch"] for e in run["epochs"]]
             label = f"{LABELS.get(objective, objective)}" + (f" (held out {fold})" if protocol == "loso" else "")
@@ -53,8 +55,10 @@ def training_curves_figure(ctx, method: str, protocol: str = "pooled",
             best = run["best_epoch"]
             ax_val.plot([best], [run["epochs"][best - 1]["val_worst_group_loss"]], "o", color=COLORS.get(objective))
     ax_loss.set(xlabel="epoch", ylabel="training objective", title=f"{method}: training loss ({protocol})")
+    per_endpoint = any(run.get("per_endpoint") for h in histories for run in h["folds"].values())
     ax_val.set(xlabel="epoch", ylabel="worst-group loss (val, mean over endpoints)",
-               title="model selection, chosen setting (dot = kept epoch)")
+               title=("each endpoint's chosen setting, averaged (dot = the epoch most endpoints kept)" if per_endpoint
+                      else "model selection, chosen setting (dot = kept epoch)"))
     ax_val.legend(fontsize=7)
     fig.tight_layout()
     if save:

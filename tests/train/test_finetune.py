@@ -543,6 +543,17 @@ def test_per_endpoint_selection_puts_together_the_fits_of_each_endpoint_alone(tm
             torch.testing.assert_close(out[:, j], expected, rtol=1e-4, atol=1e-4)
             assert whole.per_endpoint[endpoint]["setting"] == alone.setting["setting"]
             assert whole.per_endpoint[endpoint]["epoch"] == alone.best_epoch
+        if objective == "dro":  # the same in one process as in the two forked workers used on a CPU
+            from nrfm.train.finetune_fit import _search_per_endpoint
+
+            serial = _search_per_endpoint(Identity(), inputs, manifest, fold.train, fold.val, cfg, objective, device,
+                                          seed=3, progress=False, desc="", workers=0)
+            with torch.no_grad():
+                torch.testing.assert_close(serial.model.to_output(serial.model.head_outputs(inputs)), out,
+                                           rtol=1e-4, atol=1e-4)
+            for endpoint, pick in whole.per_endpoint.items():  # the losses may differ in the last digits
+                assert serial.per_endpoint[endpoint] == {**pick, "val_worst_group_loss": pytest.approx(
+                    pick["val_worst_group_loss"], rel=1e-4, nan_ok=True)}
         if objective == "dro":  # q of every group comes from its endpoint's fit
             assert np.isfinite(whole.objective.q.numpy()).all() and len(whole.history[-1]["q"]) == len(whole.groups.names)
 
