@@ -455,12 +455,12 @@ def _search_per_endpoint(backbone: nn.Module, inputs: Tensor, manifest: pd.DataF
                          cfg=cfg, objective=objective, device=device, seed=seed, desc=desc, worker=workers > 0,
                          progress=progress and workers == 0)
     try:
+        bar = dict(desc=f"{desc} per endpoint", total=len(endpoints), leave=False, disable=not progress)
         if workers > 0:
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-                fits = dict(zip(endpoints, pool.map(_fit_endpoint, endpoints)))
+                fits = dict(zip(endpoints, tqdm(pool.map(_fit_endpoint, endpoints), **bar)))
         else:
-            fits = {e: _fit_endpoint(e) for e in tqdm(endpoints, desc=f"{desc} per endpoint", leave=False,
-                                                      disable=not progress)}
+            fits = {e: _fit_endpoint(e) for e in tqdm(endpoints, **bar)}
     finally:
         _ENDPOINT_JOB.clear()
     mean = torch.cat([fits[e]["mean"] for e in endpoints])
