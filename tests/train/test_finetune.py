@@ -489,7 +489,7 @@ def test_head_l2_is_the_coupled_penalty_of_group_dro_and_shrinks_the_heads(tmp_p
 
 
 def test_folded_heads_compute_the_same_outputs():
-    from nrfm.train.finetune_fit import folded_head_rows, set_folded_heads
+    from nrfm.train.finetune_endpoints import folded_head_rows, set_folded_heads
 
     torch.manual_seed(0)
     model = FinetuneModel(TinyBackbone(), ENDPOINTS)
@@ -544,7 +544,7 @@ def test_per_endpoint_selection_puts_together_the_fits_of_each_endpoint_alone(tm
             assert whole.per_endpoint[endpoint]["setting"] == alone.setting["setting"]
             assert whole.per_endpoint[endpoint]["epoch"] == alone.best_epoch
         if objective == "dro":  # the same in one process as in the two forked workers used on a CPU
-            from nrfm.train.finetune_fit import _search_per_endpoint
+            from nrfm.train.finetune_endpoints import _search_per_endpoint
 
             serial = _search_per_endpoint(Identity(), inputs, manifest, fold.train, fold.val, cfg, objective, device,
                                           seed=3, progress=False, desc="", workers=0)
