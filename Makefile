@@ -6,6 +6,10 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/default.yaml
 PYTEST_ARGS ?=
+# test files spread over two pytest-xdist workers, the end-to-end files first (tests/conftest.py; those runs use
+# about one core most of the time)
+# PYTEST_WORKERS=0 runs them in one process
+PYTEST_WORKERS ?= 2
 
 .PHONY: run test smoke bench lab clean-venv
 
@@ -23,7 +27,7 @@ smoke: $(STAMP)
 	$(VENV)/bin/nrfm run --config configs/smoke.yaml
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -ra $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -ra -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/nrfm bench

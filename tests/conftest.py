@@ -34,3 +34,16 @@ def smoke_cohort(smoke_workspace) -> Path:
     from nrfm.pipeline.context import ensure_cohort
 
     return ensure_cohort(load_config(SMOKE, smoke_workspace), progress=False).parent
+
+
+@pytest.fixture(scope="session")
+def hermetic(tmp_path_factory, smoke_workspace):
+    """The test run's shared smoke cohort and cache (:func:`smoke_workspace`) and a folder for the runs' reports."""
+    return dict(smoke_workspace), tmp_path_factory.mktemp("nrfm")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The end-to-end (``slow``) test files first, each file's tests kept together in their order: with `make test`'s
+    two workers the longest files start at once and the short ones fill in around them."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within each group is kept
