@@ -62,3 +62,15 @@ def test_pinned_minor_versions_of_libraries_whose_internals_are_used():
 
 def test_console_script():
     assert PROJECT["scripts"]["nrfm"] == "nrfm.cli:main"
+
+
+def test_importing_the_models_builds_no_parser():
+    """monai imports jsonschema; jsonschema 4.24+ would import rfc3987-syntax (installed with jupyterlab), which
+    compiles an Earley grammar at import, seconds in every notebook kernel. The pin in pyproject.toml keeps it out."""
+    import subprocess
+
+    code = ("import sys, nrfm.models.backbones, nrfm.ssl.views; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('rfc3987_syntax', 'lark')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]", done.stdout
