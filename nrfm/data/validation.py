@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nrfm.data.manifest import _load_raw, _parse
+from nrfm.data.manifest import LineNumbers, _load_raw, _parse
 from nrfm.data.splits import MIN_GROUP_TRAIN, MIN_SPLIT_PATIENTS, small_groups
 from nrfm.errors import ManifestError
 from nrfm.schema import BINARY_ENDPOINTS, CONTINUOUS_ENDPOINTS, ENDPOINTS, IMAGE_COLUMNS, SPLITS
@@ -190,7 +190,7 @@ def validate_manifest(path: Path, check_images: bool = True, progress: bool = Tr
     _check_values(df, path, lines, errors, warnings)
     _check_leaks(df, path, lines, errors, warnings)
     if len(df) and not errors:
-        df.attrs["lines"] = [int(n) for n in lines]
+        df.attrs["lines"] = LineNumbers(int(n) for n in lines)
         warnings += _small_group_warnings(df, path)
     if check_images:
         from nrfm.data.preprocessing import check_subject_files  # MONAI itself is only imported to preprocess

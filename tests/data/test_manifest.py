@@ -74,14 +74,23 @@ def test_bom_semicolons_and_crlf_are_read_like_a_plain_csv(tmp_path: Path, cohor
     assert plain["subject_id"].tolist() == ["00000", "00001", "00002", "00003"]  # zero padding kept
     assert all(Path(p).is_absolute() and Path(p).is_file() for p in plain["t1"])
     assert plain["idh"].dtype == float and plain["mgmt"].isna().all() and plain["ki67"].tolist() == [12.5] * 4
-    assert plain.attrs["lines"] == [2, 3, 4, 5]
+    assert list(plain.attrs["lines"]) == [2, 3, 4, 5]
 
 
 def test_blank_lines_keep_editor_line_numbers(tmp_path: Path, cohort) -> None:
     path, rows = cohort
     text = path.read_text().splitlines()
     path.write_text("\n".join(text[:2] + [""] + text[2:]) + "\n")
-    assert read_manifest(path).attrs["lines"] == [2, 4, 5, 6]
+    assert list(read_manifest(path).attrs["lines"]) == [2, 4, 5, 6]
+
+
+def test_row_lines_are_shared_not_copied_by_pandas_operations(tmp_path: Path, cohort) -> None:
+    """pandas deep-copies DataFrame.attrs on every operation: the line numbers are immutable and not copied."""
+    path, _ = cohort
+    df = read_manifest(path)
+    part = df[df["subject_id"] != "00000"].reset_index(drop=True)
+    assert part.attrs["lines"] is df.attrs["lines"]
+    assert part.attrs["source"] == str(path)
 
 
 def test_missing_required_column(tmp_path: Path, cohort) -> None:
