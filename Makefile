@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/default.yaml
 PYTEST_ARGS ?=
 # test files spread over two pytest-xdist workers, the end-to-end files first (tests/conftest.py; those runs use
-# about one core most of the time)
+# about one core most of the time); each worker is pinned to its share of the cores (tests/conftest.py)
 # PYTEST_WORKERS=0 runs them in one process
 PYTEST_WORKERS ?= 2
 
