@@ -152,6 +152,8 @@ class PretrainingConfig:
                  f"unknown architecture {self.cnn_arch!r}; valid: ['resnet10', 'resnet18']")
         _require(self.cnn_width >= 4, "cnn_width", f"must be >= 4, got {self.cnn_width}")
         _require(0.0 < self.mask_ratio < 1.0, "mask_ratio", f"must be in (0, 1), got {self.mask_ratio}")
+        _require(self.readout in ("global", "tumour"), "readout",
+                 f"unknown readout {self.readout!r}; valid: ['global', 'tumour']")
         _require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         _require(self.batch_size >= 2, "batch_size", f"must be >= 2, got {self.batch_size}")
         _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
@@ -210,6 +212,10 @@ class FinetuningConfig:
     # partial = last backbone stage and heads on cached early-stage features (fast; DRO can change the
     # embedding); full = whole backbone and heads (slow on CPU); linear = frozen backbone, heads only
     mode: str = "partial"
+    # what the heads read: global = the backbone's embedding (global average of its last feature map); tumour = one
+    # stage's feature map averaged over the crop and each tumour sub-region, five means concatenated, with the exam's
+    # segmentation as a fifth input channel (nrfm/models/readout.py)
+    readout: str = "global"
     epochs: int = 15
     batch_size: int = 16
     lr: float = 1e-3
@@ -272,6 +278,8 @@ class FinetuningConfig:
         _subset(self.endpoints, ENDPOINTS, "endpoints")
         _require(self.mode in ("partial", "full", "linear"), "mode",
                  f"unknown mode {self.mode!r}; valid: ['partial', 'full', 'linear']")
+        _require(self.readout in ("global", "tumour"), "readout",
+                 f"unknown readout {self.readout!r}; valid: ['global', 'tumour']")
         _require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         _require(self.batch_size >= 2, "batch_size", f"must be >= 2, got {self.batch_size}")
         _require(0 <= self.head_epochs <= self.epochs, "head_epochs",

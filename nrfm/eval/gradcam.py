@@ -60,6 +60,7 @@ from nrfm.errors import ConfigError
 from nrfm.eval import bootstrap
 from nrfm.eval.gradcam_maps import grad_cam_volumes, resolve_target_layer
 from nrfm.files import atomic_write_csv
+from nrfm.models.readout import model_input
 from nrfm.train.finetune import load_finetuned
 
 GRADCAM_COLUMNS = ("backbone", "objective", "endpoint", "site", "cam_in_tumor", "cam_in_peritumoral",
@@ -276,7 +277,7 @@ def gradcam_subject_scores(ctx, model: nn.Module, endpoint: str, rows: Sequence[
     for start in range(0, len(scorable), GRADCAM_BATCH):
         chunk = scorable[start:start + GRADCAM_BATCH]
         items = [dataset[i] for i in chunk]
-        images = torch.stack([torch.as_tensor(item["image"]) for item in items])
+        images = torch.stack([model_input(model, item) for item in items])
         chosen = explained_signs(model, images, index, endpoint, cfg.gradcam_class, threshold)
         chosen = [float(signs[i]) if signs is not None and i in signs else c for i, c in zip(chunk, chosen)]
         cams = grad_cam_volumes(model, images, index, layer, transform, chosen)

@@ -22,7 +22,8 @@ import torch
 from nrfm.config import Config
 from nrfm.eval import claims
 from nrfm.eval.gradcam_maps import resolve_target_layer
-from nrfm.models.backbones import build_backbone
+from nrfm.models.backbones import N_INPUT_CHANNELS, build_backbone
+from nrfm.models.readout import N_READOUT_CHANNELS, readout_backbone, uses_segmentation
 from nrfm.ssl.methods.dino import DINO
 from nrfm.ssl.methods.moco import MoCo
 from nrfm.ssl.registry import method_class
@@ -225,7 +226,7 @@ def gradcam_layer(cfg: Config, method: str) -> dict[str, Any]:
     crop = tuple(int(s) for s in cfg.preprocessing.crop_size)
     with torch.random.fork_rng(devices=[]):  # building a network draws weights: leave the notebook's RNG as it was
         torch.manual_seed(0)
-        backbone = build_backbone(method, cfg.pretraining, crop)
+        backbone = readout_backbone(build_backbone(method, cfg.pretraining, crop), cfg.finetuning.readout)
         model = FinetuneModel(backbone, tuple(cfg.finetuning.endpoints))
     layer, transform = resolve_target_layer(model, cfg.analyses.gradcam_target_layer)
     name = next(n for n, m in model.named_modules() if m is layer)
@@ -240,7 +241,8 @@ def gradcam_layer(cfg: Config, method: str) -> dict[str, Any]:
 
         hook = layer.register_forward_hook(record)
         try:
-            model.eval()(torch.zeros(1, 4, *crop))
+            channels = N_READOUT_CHANNELS if uses_segmentation(model) else N_INPUT_CHANNELS
+            model.eval()(torch.zeros(1, channels, *crop))
         finally:
             hook.remove()
         shape = captured["shape"]
@@ -264,8 +266,14 @@ def gradcam_layer_description(cfg: Config, method: str) -> str:
     trained = ("updated by fine-tuning" if info["trained"] else
                f"**frozen** in `finetuning.mode = {cfg.finetuning.mode}` (its activations are the pretrained "
                "ones, the same for ERM and DRO; each map is still weighted by the gradient of the fine-tuned output)")
+    readout = ""
+    if cfg.finetuning.readout == "tumour":
+        readout = (" The heads read this same map averaged over the crop and over each tumour sub-region "
+                   "(`finetuning.readout: tumour`), so four of their five inputs come from cells inside the lesion: "
+                   "a map that favours the tumour is partly built in. The randomly initialised model of the controls "
+                   "below is read out the same way, so the enrichment over it is what the model adds.")
     return (f"- **{method}**: `{info['name']}`{where}, a {' x '.join(map(str, info['grid']))} map on the "
-            f"{_size(cfg.preprocessing.crop_size)} crop, chosen by {rule}; {trained}.")
+            f"{_size(cfg.preprocessing.crop_size)} crop, chosen by {rule}; {trained}.{readout}")
 
 
 # ---- 06 verdicts -----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from torch import nn
 
 from nrfm.eval.gradcam import CORE_LABELS, decision_threshold, endpoint_index, explained_sign, load_finetuned_model
 from nrfm.eval.gradcam_maps import grad_cam_volumes, resolve_target_layer
+from nrfm.models.readout import model_input
 
 VIEWS = (("axial", 2), ("coronal", 1), ("sagittal", 0))  # (name, fixed array axis)
 T1C = 1  # channel order [t1, t1c, t2, flair]
@@ -64,7 +65,7 @@ def plot_gradcam_slices(ctx, method: str, objectives: Sequence[str] = ("erm", "d
         threshold = decision_threshold(ctx, method, objective, endpoint)
         cams[objective] = []
         for it in items:
-            image = torch.as_tensor(it["image"])[None]
+            image = model_input(model, it)[None]
             sign = explained_sign(model, image, index, endpoint, cfg.gradcam_class, threshold)
             cams[objective].append(grad_cam_volumes(model, image, index, layer, transform, [sign])[0])
     n_cols = 3 * len(objectives)

@@ -36,6 +36,7 @@ from nrfm.errors import CheckpointError, ConfigError, TrainingError
 from nrfm.eval.metrics import molecular_table
 from nrfm.files import atomic_torch_save, atomic_write_bytes, atomic_write_csv, atomic_write_json, safe_torch_load
 from nrfm.models.backbones import build_backbone
+from nrfm.models.readout import readout_backbone
 from nrfm.train.finetune_data import apply_in_batches, cuts_of, frozen_inputs, split_backbone, youden_thresholds
 from nrfm.train.finetune_fit import FinetuneModel, search_fit
 from nrfm.train.fingerprints import _sha256, _stale_reason, changed_settings, finetune_fingerprint_inputs
@@ -159,7 +160,8 @@ def run_finetune_stage(ctx, method: str, objective: str, protocol: str, progress
     cfg, device, manifest = ctx.config.finetuning, ctx.device, ctx.manifest.reset_index(drop=True)
     if backbone is None:
         backbone = pretrained_backbone(ctx, method)
-    backbone = backbone.to(device).eval()
+    pretrained = backbone.to(device).eval()
+    backbone = readout_backbone(pretrained, cfg.readout)
     split = split_backbone(backbone, cfg.mode)
     inputs = frozen_inputs(ctx, method, backbone, split, progress)
     name = label or objective
@@ -170,7 +172,7 @@ def run_finetune_stage(ctx, method: str, objective: str, protocol: str, progress
     endpoints, frames, history, checkpoint, notes = tuple(cfg.endpoints), [], {}, None, []
     folds = _fold_rows(manifest, protocol, _loso_pretrained_subjects(ctx, protocol))
     notes += [n for f in folds for n in f.notes]
-    fingerprint = finetune_fingerprint_inputs(ctx, method, objective, backbone)
+    fingerprint = finetune_fingerprint_inputs(ctx, method, objective, pretrained)
     selection: list[dict[str, Any]] = []
     for k, (fold, train, val, test) in enumerate(folds):
         result = search_fit(backbone, inputs, manifest, train, val, cfg, objective, device,
@@ -271,7 +273,7 @@ def load_finetuned(ctx, method: str, objective: str, backbone: nn.Module | None 
                               "nrfm.train.finetune.ensure_finetuned to rebuild it")
     if backbone is None:
         backbone = build_backbone(method, ctx.config.pretraining, ctx.config.preprocessing.crop_size)
-    model = FinetuneModel(backbone, tuple(ckpt["endpoints"]))
+    model = FinetuneModel(readout_backbone(backbone, ctx.config.finetuning.readout), tuple(ckpt["endpoints"]))
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:

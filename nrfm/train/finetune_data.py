@@ -32,6 +32,7 @@ from nrfm.errors import CheckpointError, DataError, TrainingError
 from nrfm.eval.metrics import binarize, rank_auc, youden_threshold
 from nrfm.files import atomic_torch_save, safe_torch_load
 from nrfm.models.backbones import ResNetBackbone, ViTBackbone
+from nrfm.models.readout import with_segmentation
 from nrfm.train.monitor import autocast_context
 
 GROUPINGS = ("site_class", "site", "class")
@@ -42,11 +43,14 @@ def cuts_of(cfg: FinetuningConfig) -> dict[str, float]:
     return {"ki67": cfg.ki67_threshold, "tp53_ihc": cfg.tp53_ihc_threshold}
 
 
-def load_volumes(dataset, progress: bool = True) -> Tensor:
-    """(N, 4, D, H, W) float32 images of every dataset item, in order."""
+def load_volumes(dataset, progress: bool = True, segmentation: bool = False) -> Tensor:
+    """(N, 4, D, H, W) float32 images of every dataset item, in order; (N, 5, D, H, W) with the label map as a fifth
+    channel when ``segmentation`` (the tumour readout's input, :mod:`nrfm.models.readout`)."""
     images = []
     for i in tqdm(range(len(dataset)), desc="volumes", disable=not progress, leave=False):
-        image = torch.as_tensor(np.asarray(dataset[i]["image"]), dtype=torch.float32)
+        item = dataset[i]
+        image = (with_segmentation(np.asarray(item["image"]), np.asarray(item["seg"])) if segmentation
+                 else torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32))
         if images and image.shape != images[0].shape:
             raise DataError(f"dataset item {i}: image shape {tuple(image.shape)} differs from item 0's "
                             f"{tuple(images[0].shape)}; fine-tuning needs one crop size")
@@ -281,22 +285,30 @@ def to_device(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d) if channels_last and x.ndim == 5 else x
 
 
-def _content_keys(dataset) -> list[str]:
+def _content_keys(dataset, segmentation: bool = False) -> list[str]:
     """One content hash per dataset item: the preprocessing cache's keys (input files' bytes and every
-    preprocessing setting) when the dataset has them, else a hash of each item's image (in-memory datasets)."""
+    preprocessing setting) when the dataset has them, else a hash of each item's image (in-memory datasets), and of
+    its label map too with ``segmentation``."""
     keys = getattr(dataset, "keys", None)
     if keys is not None and not callable(keys):
         return [str(k) for k in keys]
-    return [hashlib.sha256(np.ascontiguousarray(np.asarray(dataset[i]["image"], dtype=np.float32)).tobytes()).hexdigest()
-            for i in range(len(dataset))]
+    parts = ("image", "seg") if segmentation else ("image",)
+
+    def digest(item) -> str:
+        h = hashlib.sha256()
+        for part in parts:
+            h.update(np.ascontiguousarray(np.asarray(item[part], dtype=np.float32)).tobytes())
+        return h.hexdigest()
+
+    return [digest(dataset[i]) for i in range(len(dataset))]
 
 
 def _fingerprint(backbone: nn.Module, manifest: pd.DataFrame, cfg: FinetuningConfig, preprocessing: Mapping,
                  content: Sequence[str]) -> str:
     """Hash of the backbone weights, the subjects, the inputs' content and the settings that change the frozen
-    features (fine-tuning mode and precision, every preprocessing setting but the cache folder)."""
+    features (fine-tuning mode, readout and precision, every preprocessing setting but the cache folder)."""
     settings = {k: v for k, v in preprocessing.items() if k != "cache_dir"}
-    digest = hashlib.sha256(json.dumps([cfg.mode, cfg.bf16, cfg.channels_last, settings,
+    digest = hashlib.sha256(json.dumps([cfg.mode, cfg.readout, cfg.bf16, cfg.channels_last, settings,
                                         manifest["subject_id"].astype(str).tolist(), list(content)],
                                        sort_keys=True, default=list).encode())
     for name, tensor in sorted(backbone.state_dict().items()):
@@ -314,18 +326,19 @@ def frozen_inputs(ctx, method: str, backbone: nn.Module, split: BackboneSplit, p
     """
     cfg = ctx.config.finetuning
     manifest = ctx.manifest.reset_index(drop=True)
+    segmentation = cfg.readout == "tumour"
     if cfg.mode == "full":
-        return load_volumes(ctx.dataset(progress=progress), progress)
+        return load_volumes(ctx.dataset(progress=progress), progress, segmentation)
     dataset = ctx.dataset(progress=progress)
     key = _fingerprint(backbone, manifest, cfg, dataclasses.asdict(ctx.config.preprocessing),
-                       _content_keys(dataset))[:16]
+                       _content_keys(dataset, segmentation))[:16]
     path = ctx.layout.feature_cache(method, cfg.mode, key)
     if path.is_file():
         try:
             return safe_torch_load(path)["inputs"]
         except (CheckpointError, KeyError):
             pass  # a damaged cache entry is recomputed and overwritten
-    volumes = load_volumes(dataset, progress)
+    volumes = load_volumes(dataset, progress, segmentation)
     inputs = apply_in_batches(split.trunk, volumes, ctx.device, cfg.bf16, cfg.channels_last)
     atomic_torch_save(path, {"inputs": inputs})
     return inputs
