@@ -152,8 +152,6 @@ class PretrainingConfig:
                  f"unknown architecture {self.cnn_arch!r}; valid: ['resnet10', 'resnet18']")
         _require(self.cnn_width >= 4, "cnn_width", f"must be >= 4, got {self.cnn_width}")
         _require(0.0 < self.mask_ratio < 1.0, "mask_ratio", f"must be in (0, 1), got {self.mask_ratio}")
-        _require(self.readout in ("global", "tumour"), "readout",
-                 f"unknown readout {self.readout!r}; valid: ['global', 'tumour']")
         _require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         _require(self.batch_size >= 2, "batch_size", f"must be >= 2, got {self.batch_size}")
         _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")

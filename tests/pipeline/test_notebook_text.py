@@ -168,23 +168,31 @@ def test_ssl_facts(configs):
 
 def test_gradcam_layer_is_the_stage_code_choice(configs):
     from nrfm.models.backbones import build_backbone
+    from nrfm.models.readout import readout_backbone
 
     cfg = configs["configs/default.yaml"]
+    assert cfg.finetuning.readout == "tumour"
     for method in cfg.pretraining.methods:
         info = notebook_text.gradcam_layer(cfg, method)
-        backbone = build_backbone(method, cfg.pretraining, cfg.preprocessing.crop_size)
+        backbone = readout_backbone(build_backbone(method, cfg.pretraining, cfg.preprocessing.crop_size), "tumour")
         layer, _ = backbone.gradcam_target()
         names = {id(m): n for n, m in backbone.named_modules()}
         assert info["name"] == "backbone." + names[id(layer)], method
+        partial = cfg.replace(finetuning=dataclasses.replace(cfg.finetuning, mode="partial"))
+        # the tumour readout pools the Grad-CAM stage, which partial mode trains (ResNet layer1; the ViT's last block)
+        assert notebook_text.gradcam_layer(partial, method)["trained"]
+        assert "tumour sub-region" in notebook_text.gradcam_layer_description(cfg, method)
         if method == "mae":
-            assert info["name"] == "backbone.vit.norm" and info["grid"] == (4, 4, 4)
+            assert info["name"] == "backbone.inner.vit.norm" and info["grid"] == (4, 4, 4)
             assert not info["trained"]  # the default config fine-tunes the heads alone (linear mode)
-            partial = cfg.replace(finetuning=dataclasses.replace(cfg.finetuning, mode="partial"))
-            assert notebook_text.gradcam_layer(partial, method)["trained"]
         else:  # 32^3 crops, stride-2 stem: layer1 (8^3) is the deepest stage with >= 8 voxels a side
-            assert info["name"] == "backbone.net.layer1" and info["stage_index"] == 1 and info["grid"] == (8, 8, 8)
-            assert not info["trained"]  # linear trains no backbone layer (partial: layer4 only)
+            assert info["name"] == "backbone.inner.net.layer1" and info["stage_index"] == 1
+            assert info["grid"] == (8, 8, 8)
+            assert not info["trained"]  # linear trains no backbone layer
             assert "EARLIEST" in notebook_text.gradcam_layer_description(cfg, method)
+    plain = cfg.replace(finetuning=dataclasses.replace(cfg.finetuning, readout="global"))
+    assert notebook_text.gradcam_layer(plain, "byol")["name"] == "backbone.net.layer1"
+    assert "tumour sub-region" not in notebook_text.gradcam_layer_description(plain, "byol")
     full = cfg.replace(finetuning=dataclasses.replace(cfg.finetuning, mode="full"))
     assert notebook_text.gradcam_layer(full, "byol")["trained"]
 
@@ -192,7 +200,7 @@ def test_gradcam_layer_is_the_stage_code_choice(configs):
 def test_gradcam_layer_follows_the_override(configs):
     cfg = configs["configs/default.yaml"]
     cfg = cfg.replace(analyses=dataclasses.replace(cfg.analyses, gradcam_target_layer="backbone.net.layer4"),
-                      finetuning=dataclasses.replace(cfg.finetuning, mode="partial"))
+                      finetuning=dataclasses.replace(cfg.finetuning, mode="partial", readout="global"))
     info = notebook_text.gradcam_layer(cfg, "byol")
     assert info["name"] == "backbone.net.layer4" and info["trained"] and info["grid"] == (1, 1, 1)
 
