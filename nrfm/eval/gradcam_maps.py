@@ -142,7 +142,10 @@ def grad_cam_volumes(model: nn.Module, images: torch.Tensor, endpoint_index: int
     for p in params:
         p.requires_grad_(False)
 
+    fired = []
+
     def start_graph(module, inputs, output):
+        fired.append(True)
         if isinstance(output, torch.Tensor) and not output.requires_grad:
             output.requires_grad_(True)
 
@@ -152,6 +155,12 @@ def grad_cam_volumes(model: nn.Module, images: torch.Tensor, endpoint_index: int
         if signs is None:
             return cam(x, [ClassifierOutputTarget(endpoint_index)] * x.shape[0])
         return cam(x, [EndpointTarget(endpoint_index, sign) for sign in signs])
+    except RuntimeError:
+        if not fired:  # e.g. a ResNet stage after the one that the tumour readout pools
+            raise ConfigError(f"analyses.gradcam_target_layer: the layer {type(target_layer).__name__} takes no part "
+                              "in the model's output (with finetuning.readout: tumour the model stops at the pooled "
+                              "stage); name that stage or an earlier one, or leave the key empty") from None
+        raise
     finally:
         cam.activations_and_grads.release()
         hook.remove()

@@ -121,3 +121,15 @@ def test_input_checks_and_helpers():
     assert not uses_segmentation(FinetuneModel(plain, ("idh",)))
     assert model_input(FinetuneModel(plain, ("idh",)), item).shape == (4, 16, 16, 16)
     assert model(torch.stack([model_input(model, item)] * 2)).shape == (2, 1)
+
+
+def test_gradcam_of_a_layer_the_readout_never_reaches_is_one_clear_error():
+    from nrfm.errors import ConfigError
+    from nrfm.eval.gradcam_maps import grad_cam_volumes
+
+    model = FinetuneModel(readout_backbone(build_backbone("byol", CFG, (32, 32, 32)), "tumour"), ("idh",)).eval()
+    x = with_segmentation(torch.randn(1, 4, 32, 32, 32), torch.full((1, 1, 32, 32, 32), 2.0))
+    cams = grad_cam_volumes(model, x, 0, model.backbone.inner.net.layer1)  # the pooled stage: a map
+    assert cams.shape == (1, 32, 32, 32) and np.isfinite(cams).all()
+    with pytest.raises(ConfigError, match="takes no part in the model's output"):
+        grad_cam_volumes(model, x, 0, model.backbone.inner.net.layer4)
