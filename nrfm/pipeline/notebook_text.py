@@ -23,7 +23,7 @@ from nrfm.config import Config
 from nrfm.eval import claims
 from nrfm.eval.gradcam_maps import resolve_target_layer
 from nrfm.models.backbones import N_INPUT_CHANNELS, build_backbone
-from nrfm.models.readout import N_READOUT_CHANNELS, readout_backbone, uses_segmentation
+from nrfm.models.readout import N_READOUT_CHANNELS, REGIONS, readout_backbone, uses_segmentation
 from nrfm.ssl.methods.dino import DINO
 from nrfm.ssl.methods.moco import MoCo
 from nrfm.ssl.registry import method_class
@@ -145,8 +145,25 @@ def trained_layers(cfg: Config, method: str) -> str:
         return "nothing (frozen backbone, heads only)"
     if mode == "full":
         return "every backbone layer"
-    return ("the last transformer block and the final LayerNorm" if vit else
-            "the last ResNet stage (`layer4`); the stem and `layer1`-`layer3` are frozen")
+    if vit:
+        return "the last transformer block and the final LayerNorm"
+    if cfg.finetuning.readout == "tumour":
+        stage = gradcam_layer(cfg, method)["name"].split(".")[-1]
+        return f"the pooled stage (`{stage}`); the stem and the stages before it are frozen, those after it unused"
+    return "the last ResNet stage (`layer4`); the stem and `layer1`-`layer3` are frozen"
+
+
+def readout_description(cfg: Config) -> str:
+    """One Markdown bullet: what the heads read (``finetuning.readout``)."""
+    if cfg.finetuning.readout == "global":
+        return ("- readout `finetuning.readout = global`: the heads read the backbone's embedding, the global average of "
+                "its last feature map (ResNet `layer4`; the ViT's encoded tokens);")
+    stages = "; ".join(f"{m}: `{gradcam_layer(cfg, m)['name'].split('.')[-1]}`" for m in cfg.pretraining.methods)
+    return ("- readout `finetuning.readout = tumour` (`nrfm/models/readout.py`): the heads read one feature map "
+            f"({stages}; ResNets: the stage Grad-CAM explains) averaged over the whole crop and over each of the "
+            f"lesion, necrotic core, oedema and enhancing rim ({', '.join(REGIONS)}), five means concatenated, with the "
+            "exam's segmentation as a fifth input channel. On a global embedding of these 32^3 crops the tumour's "
+            "interior is a small share of the average; benchmarks/README.md has the probes that chose this;")
 
 
 def finetuning_description(cfg: Config) -> str:
@@ -178,6 +195,7 @@ def finetuning_description(cfg: Config) -> str:
         f"**This run's fine-tuning** (from `{cfg.source}`):",
         "",
         f"- mode `finetuning.mode = {f.mode}`, {mode_text}; trained backbone part: {layers};",
+        readout_description(cfg),
         f"- AdamW, heads at lr {f.lr:g}, trained backbone part at lr x {f.backbone_lr_scale:g} "
         f"= {f.lr * f.backbone_lr_scale:g}; batch {f.batch_size}; {f.epochs} epochs;",
         "- **no augmentation** in any mode: the inputs are fixed (cached features, or the volumes in full mode), "

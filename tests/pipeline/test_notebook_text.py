@@ -141,8 +141,13 @@ def test_finetuning_description_names_the_mode(configs, mode):
     assert f"lr x {cfg.finetuning.backbone_lr_scale:g}" in text
     for objective in cfg.finetuning.objectives:
         assert f"{objective}: {len(cfg.finetuning.settings(objective))} point(s)" in text
-    if mode == "partial":
-        assert "`layer4`" in text and "last transformer block" in text
+    if mode == "partial":  # the tumour readout pools layer1 (32^3 crops), so partial mode trains layer1
+        assert "the pooled stage (`layer1`)" in text and "last transformer block" in text
+        plain = cfg.replace(finetuning=dataclasses.replace(cfg.finetuning, readout="global"))
+        assert "`layer4`" in notebook_text.finetuning_description(plain)
+    assert "`finetuning.readout = tumour`" in text and "byol: `layer1`" in text and "mae: `norm`" in text
+    plain = cfg.replace(finetuning=dataclasses.replace(cfg.finetuning, readout="global"))
+    assert "`finetuning.readout = global`" in notebook_text.finetuning_description(plain)
 
 
 def test_finetuning_description_follows_the_grid(configs):
