@@ -81,7 +81,7 @@ def main(run_dir: str, methods: list[str]) -> None:
             y = exams[f"f_{latent}"].to_numpy()
             ridge = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-1, 5, 13)))
             pred = cross_val_predict(ridge, features[rest], y[rest], cv=5)
-            r2[latent] = round(1 - np.mean((pred - y[rest]) ** 2) / np.var(y[rest]), 2)
+            r2[latent] = round(float(1 - np.mean((pred - y[rest]) ** 2) / np.var(y[rest])), 2)
         cue = exams["artifact"].to_numpy()
         probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000))
         cue_auc = roc_auc_score(cue[rest], cross_val_predict(probe, features[rest], cue[rest], cv=5,
