@@ -110,7 +110,8 @@ def main(run_dir: str, methods: list[str]) -> None:
                 out.setdefault("global embedding", []).append(inner.embed(x))
                 if method == "mae":
                     fmap = readout.feature_map(x)
-                    out.setdefault("tumour readout, tokens", []).append(region_means(fmap, cell_fractions(m, fmap.shape[2:])))
+                    fractions = cell_fractions(m, tuple(fmap.shape[2:]))
+                    out.setdefault("tumour readout, tokens", []).append(region_means(fmap, fractions))
                     continue
                 for stage, fmap in maps.items():
                     out.setdefault(f"tumour readout, {stage}", []).append(

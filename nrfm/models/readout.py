@@ -136,7 +136,7 @@ class TumourReadout(Backbone):
     def finetune_split(self):
         """``partial`` mode: the pooled stage (ResNet) or the last block (ViT) trains; the frozen features travel
         with the cell fractions of the regions at their grid (concatenated channels / token features)."""
-        from nrfm.train.finetune_data import BackboneSplit
+        from nrfm.train.finetune_data import BackboneSplit  # here: finetune_data imports this module at its top
 
         regions = len(REGIONS)
         if isinstance(self.inner, ResNetBackbone):

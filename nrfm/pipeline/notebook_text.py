@@ -156,13 +156,13 @@ def trained_layers(cfg: Config, method: str) -> str:
 def readout_description(cfg: Config) -> str:
     """One Markdown bullet: what the heads read (``finetuning.readout``)."""
     if cfg.finetuning.readout == "global":
-        return ("- readout `finetuning.readout = global`: the heads read the backbone's embedding, the global average of "
-                "its last feature map (ResNet `layer4`; the ViT's encoded tokens);")
+        return ("- readout `finetuning.readout = global`: the heads read the backbone's embedding, the global "
+                "average of its last feature map (ResNet `layer4`; the ViT's encoded tokens);")
     stages = "; ".join(f"{m}: `{gradcam_layer(cfg, m)['name'].split('.')[-1]}`" for m in cfg.pretraining.methods)
     return ("- readout `finetuning.readout = tumour` (`nrfm/models/readout.py`): the heads read one feature map "
             f"({stages}; ResNets: the stage Grad-CAM explains) averaged over the whole crop and over each of the "
-            f"lesion, necrotic core, oedema and enhancing rim ({', '.join(REGIONS)}), five means concatenated, with the "
-            "exam's segmentation as a fifth input channel. On a global embedding of these 32^3 crops the tumour's "
+            f"lesion, necrotic core, oedema and enhancing rim ({', '.join(REGIONS)}), five means concatenated, with "
+            "the exam's segmentation as a fifth input channel. On a global embedding of these 32^3 crops the tumour's "
             "interior is a small share of the average; benchmarks/README.md has the probes that chose this;")
 
 
