@@ -27,6 +27,9 @@ in :mod:`nrfm.train.samplers`), with the sampler's importance weights in the gro
 * ``linear``: frozen backbone, heads only (embeddings identical to the pretrained ones).
 * ``full``: every backbone weight is trained on the volumes (slow on a CPU; no augmentation).
 
+With ``readout: tumour`` the heads read :class:`~nrfm.models.readout.TumourReadout` (one stage's map averaged over the
+crop and each tumour sub-region); ``partial`` then trains that pooled stage (ResNet) or the last block (ViT).
+
 The backbone is trained at ``lr * backbone_lr_scale``, the heads at ``lr`` (AdamW). With ``head_epochs`` = h > 0
 the first h epochs train the heads alone on the frozen embedding (computed once), the rest train the backbone part
 too (LP-FT, Kumar et al. 2022: fine-tuning from random heads distorts the pretrained features; starting from
@@ -78,7 +81,8 @@ class FinetuneModel(nn.Module):
     """Backbone plus one output per endpoint.
 
     ``forward(x (B, 4, D, H, W)) -> (B, len(endpoints))``: logits for binary endpoints, predicted values in
-    percent for continuous ones, in ``endpoints`` order. ``backbone`` is the (fine-tuned) Backbone.
+    percent for continuous ones, in ``endpoints`` order. ``backbone`` is the (fine-tuned) Backbone; a
+    :class:`~nrfm.models.readout.TumourReadout` takes (B, 5, D, H, W), the segmentation as a fifth channel.
 
     Args:
         backbone: a Backbone (``embed``, ``embed_dim``).
