@@ -17,7 +17,8 @@ as data that the notebooks print (:func:`rule_table`, :func:`wording_table`):
    (claims x backbones x comparisons x survival sites, and the Grad-CAM tests) with a finite p; ``adjusted_p`` in
    ``verdicts.csv``; a gain is declared where ``adjusted_p < ALPHA`` (one-sided 0.025, so before adjustment the
    rule equals "the 95% CI lies above zero"). The verdicts use at least :func:`nrfm.eval.bootstrap.resamples_for_holm`
-   resamples so that the smallest possible p can pass Holm's first step.
+   resamples (20 x family size / ``ALPHA``), so that about 20 resamples are expected beyond the margin at Holm's
+   strictest threshold and Monte Carlo error, not the data, does not decide a verdict.
 3. **No fixed minimum sample; a minimum derived from the data.** Small samples give wide CIs and large
    p-values; the CI and Holm decide. Below that, a bootstrap over very few patients is degenerate (one patient
    per class: a single possible resample, a zero-width CI whatever the data): a comparison is "not evaluable"

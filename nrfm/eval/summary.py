@@ -30,7 +30,7 @@ def all_verdicts(run_dir: Path, methods: list[str], thresholds: dict[str, float]
     :data:`nrfm.eval.claims.VERDICT_COLUMNS`).
 
     ``n_boot`` is raised to :func:`nrfm.eval.bootstrap.resamples_for_holm` of the largest possible family, so that
-    Holm can reject at all.
+    the small p-values Holm decides on are estimated from enough resamples.
     """
     scenario = scenario or cohort_scenario(run_dir)
     manifest = read_manifest(run_dir)

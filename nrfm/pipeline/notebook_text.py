@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from nrfm.config import Config
-from nrfm.eval import claims
+from nrfm.eval import bootstrap, claims
 from nrfm.eval.gradcam_maps import resolve_target_layer
 from nrfm.models.backbones import N_INPUT_CHANNELS, build_backbone
 from nrfm.models.readout import N_READOUT_CHANNELS, REGIONS, readout_backbone, uses_segmentation
@@ -307,5 +307,6 @@ def verdict_rules_description() -> str:
             f"(`{claims.ATTRIBUTION}`) needs both comparisons (the larger of the two adjusted p). No fixed minimum "
             f"sample size: a comparison is *not evaluable* when its resampling scheme has fewer distinct resamples "
             f"than family size / {claims.ALPHA:g} (about five patients per class and stratum), or when a resample "
-            f"is undefined; verdicts use at least 2 x family size / {claims.ALPHA:g} resamples, so that the smallest "
-            f"bootstrap p can pass Holm's first step. {len(claims.CLAIMS)} claims are tested (table below).")
+            f"is undefined; verdicts use at least {bootstrap.HOLM_TAIL_RESAMPLES} x family size / {claims.ALPHA:g} "
+            f"resamples, so that about {bootstrap.HOLM_TAIL_RESAMPLES} resamples are expected beyond the margin at "
+            f"Holm's strictest threshold (Monte Carlo error does not decide a verdict). {len(claims.CLAIMS)} claims are tested (table below).")

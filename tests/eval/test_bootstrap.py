@@ -145,6 +145,27 @@ def test_holm_leaves_nan_out_of_the_family():
     assert 1 / (bootstrap.resamples_for_holm(40, 0.025) + 1) <= 0.025 / 40
 
 
+def test_resamples_for_holm_estimate_p_at_holms_strictest_threshold_within_half_of_it():
+    """A test whose true p sits at alpha / m: with the kit's B its bootstrap p lands within a factor of two of the
+    truth +- 50 % in nearly every repetition; with the bare minimum B = 2 m / alpha in about half of them."""
+    from scipy.stats import norm
+
+    m, alpha = 80, 0.025
+    true_p = alpha / m
+    rng = np.random.default_rng(0)
+
+    def share_within_half(n_boot, repeats=100):
+        deltas = rng.normal(norm.isf(true_p), 1.0, size=(repeats, n_boot))  # P(delta <= 0) = true_p
+        p = np.array([bootstrap.p_greater_than_zero(row) for row in deltas])
+        return np.mean(np.abs(p / true_p - 1) <= 0.5)
+
+    assert bootstrap.resamples_for_holm(m, alpha) == bootstrap.HOLM_TAIL_RESAMPLES * m / alpha
+    assert share_within_half(bootstrap.resamples_for_holm(m, alpha)) >= 0.95
+    assert share_within_half(bootstrap.resamples_for_holm(m, alpha, tail=2)) <= 0.7
+    with pytest.raises(ValueError, match="tail"):
+        bootstrap.resamples_for_holm(m, alpha, tail=1)
+
+
 def test_distinct_resamples_count_multisets_per_stratum():
     from math import comb
 
