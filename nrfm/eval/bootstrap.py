@@ -253,9 +253,9 @@ def resamples_for_holm(family_size: int, alpha: float, tail: int = HOLM_TAIL_RES
     Holm's strictest step compares a p-value with alpha / m. A bootstrap p at that level is estimated from the
     resamples that fall beyond the margin, about ``p * B`` of them, with a Monte Carlo relative standard error of
     about ``1 / sqrt(p * B)``. With B = ``tail`` m / alpha, ``tail`` resamples are expected there (20: a relative
-    error of about 22 %; Davison & Hinkley 1997, section 4.2.5, on the power a small B loses). The bare minimum,
-    B = 2 m / alpha (smallest p, 1 / (B + 1), at alpha / (2 m)), would let one or two resamples decide a test whose
-    true p is several times below the threshold.
+    error of about 22 %; Davison & Hinkley 1997, chapter 4, on the power a Monte Carlo test loses to too few
+    simulations). The bare minimum, B = 2 m / alpha (smallest p, 1 / (B + 1), at alpha / (2 m)), would let one or
+    two resamples decide a test whose true p is several times below the threshold.
     """
     if tail < 2:
         raise ValueError(f"tail must be >= 2 (the smallest p must be able to pass Holm's first step), got {tail}")
