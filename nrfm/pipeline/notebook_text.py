@@ -309,4 +309,5 @@ def verdict_rules_description() -> str:
             f"than family size / {claims.ALPHA:g} (about five patients per class and stratum), or when a resample "
             f"is undefined; verdicts use at least {bootstrap.HOLM_TAIL_RESAMPLES} x family size / {claims.ALPHA:g} "
             f"resamples, so that about {bootstrap.HOLM_TAIL_RESAMPLES} resamples are expected beyond the margin at "
-            f"Holm's strictest threshold (Monte Carlo error does not decide a verdict). {len(claims.CLAIMS)} claims are tested (table below).")
+            f"Holm's strictest threshold (Monte Carlo error does not decide a verdict). {len(claims.CLAIMS)} claims "
+            f"are tested (table below).")
