@@ -188,9 +188,15 @@ def uses_segmentation(model: nn.Module) -> bool:
     return isinstance(getattr(model, "backbone", model), TumourReadout)
 
 
+def item_input(item: dict, segmentation: bool) -> Tensor:
+    """(C, D, H, W) float32 input for a preprocessed dataset item: the image, and the label map with
+    ``segmentation``."""
+    if segmentation:
+        return with_segmentation(np.asarray(item["image"]), np.asarray(item["seg"]))
+    return torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32)
+
+
 def model_input(model: nn.Module, item: dict) -> Tensor:
     """(C, D, H, W) input of ``model`` for a preprocessed dataset item: the image, and the label map if it reads by
     region."""
-    if uses_segmentation(model):
-        return with_segmentation(np.asarray(item["image"]), np.asarray(item["seg"]))
-    return torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32)
+    return item_input(item, uses_segmentation(model))

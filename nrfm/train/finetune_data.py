@@ -32,7 +32,7 @@ from nrfm.errors import CheckpointError, DataError, TrainingError
 from nrfm.eval.metrics import binarize, rank_auc, youden_threshold
 from nrfm.files import atomic_torch_save, safe_torch_load
 from nrfm.models.backbones import ResNetBackbone, ViTBackbone
-from nrfm.models.readout import with_segmentation
+from nrfm.models.readout import item_input
 from nrfm.train.monitor import autocast_context
 
 GROUPINGS = ("site_class", "site", "class")
@@ -48,9 +48,7 @@ def load_volumes(dataset, progress: bool = True, segmentation: bool = False) -> 
     channel when ``segmentation`` (the tumour readout's input, :mod:`nrfm.models.readout`)."""
     images = []
     for i in tqdm(range(len(dataset)), desc="volumes", disable=not progress, leave=False):
-        item = dataset[i]
-        image = (with_segmentation(np.asarray(item["image"]), np.asarray(item["seg"])) if segmentation
-                 else torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32))
+        image = item_input(dataset[i], segmentation)
         if images and image.shape != images[0].shape:
             raise DataError(f"dataset item {i}: image shape {tuple(image.shape)} differs from item 0's "
                             f"{tuple(images[0].shape)}; fine-tuning needs one crop size")
