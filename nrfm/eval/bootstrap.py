@@ -62,10 +62,10 @@ def draw(n: int, n_boot: int, seed: int, clusters: Sequence | None = None, strat
             no 0 or no 1 among its drawn rows is redrawn (see the module docstring).
 
     Returns:
-        int64 counts (n_boot, n); rows still missing a class after :data:`MAX_REDRAW_ROUNDS` are all -1.
+        int32 counts (n_boot, n); rows still missing a class after :data:`MAX_REDRAW_ROUNDS` are all -1.
     """
     if n == 0 or n_boot < 1:
-        return np.zeros((max(n_boot, 0), n), dtype=np.int64)
+        return np.zeros((max(n_boot, 0), n), dtype=np.int32)
     rng = np.random.default_rng(seed)
     cluster_of_row = _codes(clusters, n) if clusters is not None else np.arange(n, dtype=np.int64)
     n_clusters = int(cluster_of_row.max()) + 1
@@ -80,7 +80,7 @@ def draw(n: int, n_boot: int, seed: int, clusters: Sequence | None = None, strat
         for members in groups:
             picked = members[rng.integers(0, len(members), size=(size, len(members)))]
             per_cluster += np.bincount((offset + picked).ravel(), minlength=size * n_clusters)
-        return per_cluster.reshape(size, n_clusters)[:, cluster_of_row]
+        return per_cluster.reshape(size, n_clusters).astype(np.int32)[:, cluster_of_row]
 
     counts = sample(n_boot)
     checks = [np.asarray(y, dtype=float) for y in both_classes]
@@ -99,7 +99,7 @@ def draw(n: int, n_boot: int, seed: int, clusters: Sequence | None = None, strat
 def _missing_a_class(counts: np.ndarray, labels: Sequence[np.ndarray]) -> np.ndarray:
     bad = np.zeros(len(counts), dtype=bool)
     for y in labels:
-        bad |= (counts @ (y == 1).astype(np.int64) == 0) | (counts @ (y == 0).astype(np.int64) == 0)
+        bad |= (counts[:, y == 1].sum(1) == 0) | (counts[:, y == 0].sum(1) == 0)
     return bad
 
 
@@ -135,39 +135,111 @@ def _valid(counts: np.ndarray) -> np.ndarray:
     return (counts >= 0).all(axis=1)
 
 
+def _small_ints(counts: np.ndarray) -> np.ndarray:
+    """Counts as int32 (exact: a resample's counts sum to about n rows) for faster integer sums."""
+    return counts.astype(np.int32, copy=False) if counts.shape[1] < 2 ** 20 else counts
+
+
 def auc(y: np.ndarray, score: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """ROC AUC (Mann-Whitney, ties counted 1/2: equals ``roc_auc_score`` on the explicit resample) per row of
-    ``counts`` (B, n); NaN where a resample has a single class."""
+    ``counts`` (B, n); NaN where a resample has a single class.
+
+    In integers: with the rows sorted by score and ``cum`` the running count of drawn negatives, a positive whose
+    group of tied scores spans sorted positions [start, end] beats ``cum[start - 1]`` negatives and ties with
+    ``cum[end] - cum[start - 1]``; twice its share is ``cum[start - 1] + cum[end]``.
+    """
     y, score = np.asarray(y, dtype=float), np.asarray(score, dtype=float)
     counts = np.atleast_2d(counts)
-    order = np.argsort(score, kind="stable")
-    s, yy, w = score[order], y[order], counts[:, order].astype(float)
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]]) if len(s) else np.array([], dtype=int)
-    if len(s) == 0:
+    if len(score) == 0:
         return np.full(len(counts), np.nan)
-    pos = np.add.reduceat(w * (yy == 1), starts, axis=1)
-    neg = np.add.reduceat(w * (yy == 0), starts, axis=1)
-    below = np.cumsum(neg, axis=1) - neg
-    n_pos, n_neg = pos.sum(1), neg.sum(1)
+    order = np.argsort(score, kind="stable")
+    s, yy = score[order], y[order]
+    w = _small_ints(counts)[:, order]
+    group = np.cumsum(np.r_[True, s[1:] != s[:-1]]) - 1  # tie group of each sorted row
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    ends = np.r_[starts[1:], len(s)] - 1
+    positive = np.flatnonzero(yy == 1)
+    negatives = w * (yy == 0)
+    cum = np.zeros((len(counts), len(s) + 1), dtype=w.dtype)
+    np.cumsum(negatives, axis=1, out=cum[:, 1:])  # cum[:, k + 1] = drawn negatives among sorted rows 0..k
+    twice = cum[:, starts[group[positive]]] + cum[:, ends[group[positive]] + 1]
+    w_pos = w[:, positive]
+    n_pos, n_neg = w_pos.sum(1, dtype=np.int64), cum[:, -1].astype(np.int64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = (pos * (below + 0.5 * neg)).sum(1) / (n_pos * n_neg)
+        out = (w_pos.astype(np.int64) * twice).sum(1) / (2.0 * n_pos * n_neg)
     out[(n_pos == 0) | (n_neg == 0) | ~_valid(counts)] = np.nan
     return out
 
 
-def balanced_accuracy(y: np.ndarray, score: np.ndarray, threshold: float, counts: np.ndarray) -> np.ndarray:
+def balanced_accuracy(y: np.ndarray, score: np.ndarray, threshold: float | np.ndarray,
+                      counts: np.ndarray) -> np.ndarray:
     """Balanced accuracy of ``score >= threshold`` per row of ``counts``; NaN for a single class or a NaN
-    threshold (no threshold = no decision rule = undefined, never 0.5)."""
+    threshold (no threshold = no decision rule = undefined, never 0.5).
+
+    ``threshold`` is one number, or one per row of ``counts`` (B,): the decision rule re-selected in each
+    resample (:func:`youden_thresholds`)."""
     counts = np.atleast_2d(counts)
-    if threshold is None or not np.isfinite(threshold):
-        return np.full(len(counts), np.nan)
     y = np.asarray(y, dtype=float)
-    pred = np.asarray(score, dtype=float) >= threshold
     pos, neg = (y == 1).astype(float), (y == 0).astype(float)
     w = counts.astype(float)
     n_pos, n_neg = w @ pos, w @ neg
+    score = np.asarray(score, dtype=float)
+    if np.ndim(threshold) == 0:
+        if threshold is None or not np.isfinite(threshold):
+            return np.full(len(counts), np.nan)
+        pred = (score >= threshold).astype(float)
+        true_pos, true_neg = w @ (pos * pred), w @ (neg * (1 - pred))
+        undefined = np.zeros(len(counts), dtype=bool)
+    else:
+        threshold = np.asarray(threshold, dtype=float)
+        if threshold.shape != (len(counts),):
+            raise ValueError(f"{threshold.shape[0]} thresholds for {len(counts)} resamples")
+        ints = _small_ints(counts)
+        positive, negative = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+        # each resample's own rule: called positive where score >= that resample's threshold
+        true_pos = (ints[:, positive] * (score[positive][None, :] >= threshold[:, None])).sum(1, dtype=np.int64)
+        true_neg = (ints[:, negative] * (score[negative][None, :] < threshold[:, None])).sum(1, dtype=np.int64)
+        undefined = ~np.isfinite(threshold)
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = 0.5 * (w @ (pos * pred) / n_pos + w @ (neg * ~pred) / n_neg)
+        out = 0.5 * (true_pos / n_pos + true_neg / n_neg)
+    out[(n_pos == 0) | (n_neg == 0) | undefined | ~_valid(counts)] = np.nan
+    return out
+
+
+def youden_thresholds(y: np.ndarray, score: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The Youden threshold (maximum of TPR - FPR over ``score >= t``) of every resample in ``counts`` (B, n).
+
+    Equals :func:`nrfm.eval.metrics.youden_threshold` on each explicit resample (candidate thresholds are the
+    drawn scores; ties in J go to the highest threshold; when no threshold beats predicting nothing positive, J = 0,
+    the smallest float above the resample's top score). NaN for a resample with a single class, or invalid. Rows
+    with a NaN label are ignored. Used to re-select a decision rule on resampled validation exams, so that a
+    balanced-accuracy comparison carries the variability of the threshold as well as that of the test exams.
+    """
+    y, score = np.asarray(y, dtype=float), np.asarray(score, dtype=float)
+    counts = np.atleast_2d(counts)
+    labelled = (y == 0) | (y == 1)  # rows without a 0/1 label (NaN) are ignored
+    y, score = y[labelled], score[labelled]
+    out = np.full(len(counts), np.nan)
+    if len(y) == 0:
+        return out
+    order = np.argsort(-score, kind="stable")
+    s, yy, w = score[order], y[order], _small_ints(counts)[:, np.flatnonzero(labelled)[order]]
+    ends = np.flatnonzero(np.r_[s[1:] != s[:-1], True])  # last row of each group of tied scores
+    tp = np.cumsum(w * (yy == 1), axis=1)[:, ends]
+    fp = np.cumsum(w, axis=1)[:, ends] - tp  # every labelled row is 0 or 1
+    n_pos, n_neg = tp[:, -1], fp[:, -1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        j = tp / n_pos[:, None] - fp / n_neg[:, None]
+    # column 0 is "predict nothing positive" (J = 0); a score absent from a resample repeats the J of the next
+    # higher drawn score (or 0), so the first maximum is always a drawn score or column 0, as on the explicit sample
+    j = np.hstack([np.zeros((len(counts), 1)), j])
+    best = np.argmax(j, axis=1)
+    candidates = np.r_[np.nan, s[ends]]
+    out = candidates[best]
+    none = best == 0
+    if none.any():  # the smallest float above the top DRAWN score of those resamples
+        drawn_top = np.where(w[none] > 0, s[None, :], -np.inf).max(axis=1)
+        out[none] = np.nextafter(drawn_top, np.inf)
     out[(n_pos == 0) | (n_neg == 0) | ~_valid(counts)] = np.nan
     return out
 

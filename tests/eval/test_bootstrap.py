@@ -58,6 +58,38 @@ def test_weighted_statistics_equal_explicit_resamples():
                                                           predicted[bootstrap.indices(counts[1])]))
 
 
+def test_youden_thresholds_equal_the_threshold_picked_on_each_explicit_resample():
+    from nrfm.eval.metrics import youden_threshold
+    for seed in range(4):
+        y, a, _, clusters = _data(seed=seed, n=30)  # rounded scores: ties
+        y[3] = np.nan  # an unlabelled row is ignored
+        counts = bootstrap.draw(len(y), 300, seed=seed, clusters=clusters)
+        picked = bootstrap.youden_thresholds(y, a, counts)
+        for row, value in zip(counts, picked):
+            idx = bootstrap.indices(row)
+            idx = idx[np.isfinite(y[idx])]
+            assert value == youden_threshold(y[idx], a[idx]) or np.isnan(value) and len(np.unique(y[idx])) < 2
+    # no threshold beats "nothing positive": the smallest float above the top DRAWN score, as on the sample
+    y, score = np.array([1.0, 1, 0, 0]), np.array([0.0, 0.1, 0.5, 0.6])
+    assert bootstrap.youden_thresholds(y, score, np.ones((1, 4), dtype=np.int64))[0] == youden_threshold(y, score)
+    assert bootstrap.youden_thresholds(y, score, np.array([[1, 1, 1, 0]]))[0] == np.nextafter(0.5, 1)
+    assert np.isnan(bootstrap.youden_thresholds(y, score, np.array([[1, 1, 0, 0], [-1, -1, -1, -1]]))).all()
+
+
+def test_balanced_accuracy_with_one_threshold_per_resample():
+    y, a, _, clusters = _data(seed=5)
+    counts = bootstrap.draw(len(y), 40, seed=6, clusters=clusters, strata=y)
+    thresholds = np.linspace(-1, 1, len(counts))
+    thresholds[7] = np.nan  # no decision rule in that resample: undefined
+    values = bootstrap.balanced_accuracy(y, a, thresholds, counts)
+    for b, (row, value) in enumerate(zip(counts, values)):
+        idx = bootstrap.indices(row)
+        expected = np.nan if b == 7 else balanced_accuracy_score(y[idx], a[idx] >= thresholds[b])
+        assert value == pytest.approx(expected, nan_ok=True)
+    with pytest.raises(ValueError, match="thresholds for"):
+        bootstrap.balanced_accuracy(y, a, thresholds[:3], counts)
+
+
 def test_concordance_matches_lifelines():
     rng = np.random.default_rng(4)
     n = 40

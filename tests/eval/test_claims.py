@@ -90,6 +90,51 @@ def test_paired_endpoint_mean_point_values_and_nan_threshold():
     assert result["endpoints"] == ["mgmt"] and "idh (no validation threshold)" in result["note"]
 
 
+def test_balanced_accuracy_claims_re_pick_thresholds_on_resampled_validation_exams():
+    from sklearn.metrics import balanced_accuracy_score
+    from nrfm.eval.metrics import youden_threshold
+    manifest = _manifest()
+    frames = [_predictions(manifest, signal, seed=k, endpoints=("mgmt",)) for k, signal in enumerate((0.8, 1.0))]
+    for frame in frames:  # each model's own rule, picked on all its validation exams (as fine-tuning does)
+        val = frame[frame["split"] == "val"]
+        frame["threshold"] = youden_threshold(val["y_true"], val["y_score"])
+    (erm_test, dro_test), (erm_val, dro_val) = ([f[f["split"] == split] for f in frames] for split in ("test", "val"))
+    fixed = claim_rows.paired_endpoint_mean(erm_test, dro_test, "bacc", ("mgmt",), n_boot=400, seed=3)
+    repicked = claim_rows.paired_endpoint_mean(erm_test, dro_test, "bacc", ("mgmt",), n_boot=400, seed=3,
+                                               val_a=erm_val, val_b=dro_val)
+    # the point estimate is the models' own balanced accuracies (thresholds picked on all validation exams)
+    assert (repicked["a"], repicked["b"]) == pytest.approx((fixed["a"], fixed["b"]))
+    assert "re-picked" in repicked["note"]
+    # a loop over explicit resamples: validation patients redrawn, Youden re-picked, test exams scored with it
+    test_ids = sorted(erm_test["subject_id"])
+    val_ids = sorted(erm_val["subject_id"])
+    patient = manifest.set_index("subject_id")["patient_id"]
+    y_test = erm_test.set_index("subject_id").loc[test_ids, "y_true"].to_numpy()
+    y_val = erm_val.set_index("subject_id").loc[val_ids, "y_true"].to_numpy()
+    test_counts = bootstrap.draw(len(test_ids), 400, 3, clusters=patient.loc[test_ids].to_numpy(), strata=y_test)
+    val_counts = bootstrap.draw(len(val_ids), 400, 4, clusters=patient.loc[val_ids].to_numpy(), strata=y_val)
+    for b in range(0, 400, 40):
+        t_idx, v_idx = bootstrap.indices(test_counts[b]), bootstrap.indices(val_counts[b])
+        delta = []
+        for test, val in ((dro_test, dro_val), (erm_test, erm_val)):
+            score = test.set_index("subject_id").loc[test_ids, "y_score"].to_numpy()
+            val_score = val.set_index("subject_id").loc[val_ids, "y_score"].to_numpy()
+            rule = youden_threshold(y_val[v_idx], val_score[v_idx])
+            delta.append(balanced_accuracy_score(y_test[t_idx], score[t_idx] >= rule))
+        assert repicked["deltas"][b] == pytest.approx(delta[0] - delta[1])
+    # the threshold's variability enters the interval
+    assert repicked["ci_high"] - repicked["ci_low"] > fixed["ci_high"] - fixed["ci_low"]
+    # a memo shared across comparisons (DRO against ERM, then against a third model) changes no number
+    memo = {}
+    claim_rows.paired_endpoint_mean(erm_test, dro_test, "bacc", ("mgmt",), n_boot=400, seed=3, val_a=erm_val,
+                                    val_b=dro_val, memo=memo)
+    shared = claim_rows.paired_endpoint_mean(dro_test, erm_test, "bacc", ("mgmt",), n_boot=400, seed=3,
+                                             val_a=dro_val, val_b=erm_val, memo=memo)
+    assert len(memo) == 4  # two draws, two models' resampled values: nothing computed twice
+    assert shared["deltas"] == pytest.approx(-repicked["deltas"])
+    assert shared["ci_low"] == pytest.approx(-repicked["ci_high"])
+
+
 def test_molecular_rows_use_the_smallest_training_site(tmp_path):
     run, _ = _run(tmp_path)
     rows = pd.DataFrame(claim_rows.molecular_rows(run, ["byol"], {}, n_boot=200))
