@@ -199,7 +199,9 @@ def dro_deltas(ctx, protocol: str = "pooled", metric: str = "auc", n_boot: int |
     """DRO minus ERM per backbone, site (and ``all``) and endpoint, with paired-bootstrap 95% CIs.
 
     Both models are evaluated on the same resampled test subjects in each resample
-    (:func:`nrfm.eval.metrics.paired_bootstrap`); ``balanced_accuracy`` uses each model's validation threshold.
+    (:func:`nrfm.eval.metrics.paired_bootstrap`); ``balanced_accuracy`` uses each model's validation threshold,
+    held fixed: a statement about these two fitted models (the verdicts re-pick both thresholds on resampled
+    validation exams, :mod:`nrfm.eval.claims` rule 1b).
     Rows whose difference is undefined (a single class) say so in ``note``.
     """
     cuts, seed = cuts_of(ctx.config.finetuning), ctx.config.seed
