@@ -19,7 +19,7 @@ as data that the notebooks print (:func:`rule_table`, :func:`wording_table`):
    unlucky threshold decide a comparison (the no-shift control of 2026-12-05, seed 2: ERM's Ki-67 threshold 17.9
    against DRO's 9.9, AUCs 0.82 and 0.85, read as a +0.135 balanced-accuracy gain). So every resample of a
    balanced-accuracy claim also redraws the validation patients and re-picks both thresholds on them
-   (:func:`~nrfm.eval.claim_rows.paired_endpoint_mean`); the point estimate keeps the models' own thresholds.
+   (:func:`~nrfm.eval.paired.paired_endpoint_mean`); the point estimate keeps the models' own thresholds.
 2. **Multiplicity.** Holm's step-down procedure (Holm 1979) over the family of every test of the run
    (claims x backbones x comparisons x survival sites, and the Grad-CAM tests) with a finite p; ``adjusted_p`` in
    ``verdicts.csv``; a gain is declared where ``adjusted_p < ALPHA`` (one-sided 0.025, so before adjustment the

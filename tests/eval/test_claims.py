@@ -8,7 +8,7 @@ from lifelines.utils import concordance_index
 from sklearn.metrics import roc_auc_score
 
 from nrfm.eval import bootstrap
-from nrfm.eval import claim_rows, claims, summary
+from nrfm.eval import claim_rows, claims, paired, summary
 
 SITES = {"Small": (12, 40), "Big": (60, 20)}  # site: (train patients, test patients); smallest by TRAINING
 
@@ -77,16 +77,16 @@ def test_paired_endpoint_mean_point_values_and_nan_threshold():
     manifest = _manifest()
     test = manifest[manifest["split"] == "test"]
     erm, dro = _predictions(test, 0.3, seed=1), _predictions(test, 2.0, seed=2)
-    result = claim_rows.paired_endpoint_mean(erm, dro, "auc", ("mgmt", "idh"), n_boot=300)
+    result = paired.paired_endpoint_mean(erm, dro, "auc", ("mgmt", "idh"), n_boot=300)
     direct = lambda f: np.mean([roc_auc_score(p["y_true"], p["y_score"]) for _, p in f.groupby("endpoint")])
     assert result["a"] == pytest.approx(direct(erm)) and result["b"] == pytest.approx(direct(dro))
     assert result["ci_low"] > 0 and result["p_value"] < 0.01
-    same = claim_rows.paired_endpoint_mean(erm, erm, "bacc", ("mgmt", "idh"), n_boot=100)
+    same = paired.paired_endpoint_mean(erm, erm, "bacc", ("mgmt", "idh"), n_boot=100)
     assert same["delta"] == 0 and same["ci_low"] == 0 and same["p_value"] == 1
     # a NaN threshold (validation with one class) is no decision rule: the endpoint is not scored, never 0.5
     no_rule = erm.copy()
     no_rule.loc[no_rule["endpoint"] == "idh", "threshold"] = np.nan
-    result = claim_rows.paired_endpoint_mean(no_rule, dro, "bacc", ("mgmt", "idh"), n_boot=50)
+    result = paired.paired_endpoint_mean(no_rule, dro, "bacc", ("mgmt", "idh"), n_boot=50)
     assert result["endpoints"] == ["mgmt"] and "idh (no validation threshold)" in result["note"]
 
 
@@ -99,8 +99,8 @@ def test_balanced_accuracy_claims_re_pick_thresholds_on_resampled_validation_exa
         val = frame[frame["split"] == "val"]
         frame["threshold"] = youden_threshold(val["y_true"], val["y_score"])
     (erm_test, dro_test), (erm_val, dro_val) = ([f[f["split"] == split] for f in frames] for split in ("test", "val"))
-    fixed = claim_rows.paired_endpoint_mean(erm_test, dro_test, "bacc", ("mgmt",), n_boot=400, seed=3)
-    repicked = claim_rows.paired_endpoint_mean(erm_test, dro_test, "bacc", ("mgmt",), n_boot=400, seed=3,
+    fixed = paired.paired_endpoint_mean(erm_test, dro_test, "bacc", ("mgmt",), n_boot=400, seed=3)
+    repicked = paired.paired_endpoint_mean(erm_test, dro_test, "bacc", ("mgmt",), n_boot=400, seed=3,
                                                val_a=erm_val, val_b=dro_val)
     # the point estimate is the models' own balanced accuracies (thresholds picked on all validation exams)
     assert (repicked["a"], repicked["b"]) == pytest.approx((fixed["a"], fixed["b"]))
@@ -126,9 +126,9 @@ def test_balanced_accuracy_claims_re_pick_thresholds_on_resampled_validation_exa
     assert repicked["ci_high"] - repicked["ci_low"] > fixed["ci_high"] - fixed["ci_low"]
     # a memo shared across comparisons (DRO against ERM, then against a third model) changes no number
     memo = {}
-    claim_rows.paired_endpoint_mean(erm_test, dro_test, "bacc", ("mgmt",), n_boot=400, seed=3, val_a=erm_val,
+    paired.paired_endpoint_mean(erm_test, dro_test, "bacc", ("mgmt",), n_boot=400, seed=3, val_a=erm_val,
                                     val_b=dro_val, memo=memo)
-    shared = claim_rows.paired_endpoint_mean(dro_test, erm_test, "bacc", ("mgmt",), n_boot=400, seed=3,
+    shared = paired.paired_endpoint_mean(dro_test, erm_test, "bacc", ("mgmt",), n_boot=400, seed=3,
                                              val_a=dro_val, val_b=erm_val, memo=memo)
     assert len(memo) == 4  # two draws, two models' resampled values: nothing computed twice
     assert shared["deltas"] == pytest.approx(-repicked["deltas"])
@@ -349,7 +349,7 @@ def test_a_degenerate_bootstrap_is_not_evaluable():
     test = manifest[manifest["split"] == "test"].head(4)  # two patients, two exams each
     erm = _predictions(test, 0.0, endpoints=("idh",)).assign(y_true=[0.0, 0.0, 1.0, 1.0])
     dro = erm.assign(y_score=[0.0, 0.0, 1.0, 1.0])
-    result = claim_rows.paired_endpoint_mean(erm, dro, "auc", ("idh",), n_boot=200)
+    result = paired.paired_endpoint_mean(erm, dro, "auc", ("idh",), n_boot=200)
     assert result["ci_low"] == result["ci_high"]  # a single possible resample: zero width whatever the data
     claim = claims.CLAIMS[2]
     row = claim_rows._comparison_row(claim, "byol", "dro", "erm", "Small", result, 200, min_distinct=2880)
