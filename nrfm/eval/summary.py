@@ -7,6 +7,9 @@ compute and write their verdicts; :func:`collect_metrics` and :func:`spread` put
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,14 +26,37 @@ from nrfm.pipeline.layout import RunLayout
 from nrfm.pipeline.provenance import describe_context
 
 
+def _verdict_workers(jobs: int) -> int:
+    """Processes for the claims' tests: one per core (at most one per job) where fork exists, else 0 (in process)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cores, jobs) if cores >= 2 and "fork" in multiprocessing.get_all_start_methods() else 0
+
+
+def _call(job: tuple) -> list[dict]:
+    function, args = job
+    return function(*args)
+
+
+def _other_rows(run_dir: Path, methods: list[str], n_boot: int, pca_components: int, seed: int, least: float,
+                scenario: str) -> list[dict]:
+    return (survival_rows(run_dir, methods, n_boot, seed, least)
+            + site_mixing_rows(run_dir, methods, n_boot, pca_components, seed, least)
+            + gradcam_rows(run_dir, methods, n_boot, seed, least, scenario))
+
+
 def all_verdicts(run_dir: Path, methods: list[str], thresholds: dict[str, float], n_boot: int,
                  oracle: pd.DataFrame | None = None, seed: int = 0, pca_components: int = 10,
-                 scenario: str | None = None, alpha: float = ALPHA) -> pd.DataFrame:
+                 scenario: str | None = None, alpha: float = ALPHA, workers: int | None = None) -> pd.DataFrame:
     """Every claim's verdict for one run (``metrics/verdicts.csv``, columns
     :data:`nrfm.eval.claims.VERDICT_COLUMNS`).
 
     ``n_boot`` is raised to :func:`nrfm.eval.bootstrap.resamples_for_holm` of the largest possible family, so that
     the small p-values Holm decides on are estimated from enough resamples.
+
+    The tests run as jobs (the molecular claims of each backbone, then the survival, site-mixing and Grad-CAM
+    claims together) in ``workers`` forked processes (None: one per core, :func:`_verdict_workers`; 0: in this
+    process). Each job is seeded on its own and the rows are put together in a fixed order, so the table does not
+    depend on ``workers``.
     """
     scenario = scenario or cohort_scenario(run_dir)
     manifest = read_manifest(run_dir)
@@ -41,10 +67,15 @@ def all_verdicts(run_dir: Path, methods: list[str], thresholds: dict[str, float]
                              + len({o for pair in present for o in pair}))  # + one Grad-CAM test per objective
     n_boot = max(int(n_boot), bootstrap.resamples_for_holm(family, alpha))
     least = family / alpha  # rule 3: a bootstrap with fewer distinct resamples cannot reach Holm's first step
-    rows = (molecular_rows(run_dir, methods, thresholds, n_boot, oracle, seed, least)
-            + survival_rows(run_dir, methods, n_boot, seed, least)
-            + site_mixing_rows(run_dir, methods, n_boot, pca_components, seed, least)
-            + gradcam_rows(run_dir, methods, n_boot, seed, least, scenario))
+    jobs = [(molecular_rows, (run_dir, [method], thresholds, n_boot, oracle, seed, least)) for method in methods]
+    jobs.append((_other_rows, (run_dir, methods, n_boot, pca_components, seed, least, scenario)))
+    workers = _verdict_workers(len(jobs)) if workers is None else workers
+    if workers > 0:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            parts = list(pool.map(_call, jobs))
+    else:
+        parts = [_call(job) for job in jobs]
+    rows = [row for part in parts for row in part]
     return decide(pd.DataFrame(rows, columns=VERDICT_COLUMNS), scenario, alpha)
 
 

@@ -189,6 +189,14 @@ def test_runs_with_only_erm_and_dro_are_attributed_on_dro_minus_erm(tmp_path):
     assert (table["scenario"] == "site-shift").all() and table["n_boot"].max() >= 50
 
 
+def test_verdicts_in_worker_processes_equal_the_in_process_table(tmp_path):
+    run, _ = _run(tmp_path)
+    serial = summary.all_verdicts(run, ["byol"], {}, n_boot=50, workers=0)
+    forked = summary.all_verdicts(run, ["byol"], {}, n_boot=50, workers=2)
+    pd.testing.assert_frame_equal(serial, forked)
+    assert len(serial) > 10
+
+
 def _risks(manifest, objective, seed):
     rng = np.random.default_rng(0)
     test = manifest[manifest["split"] == "test"].copy()
