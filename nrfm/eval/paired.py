@@ -77,6 +77,10 @@ def paired_endpoint_mean(a: pd.DataFrame, b: pd.DataFrame, metric: str, endpoint
     validation = None
     if metric == "bacc" and val_a is not None and val_b is not None:
         validation = _validation_scores(val_a, val_b, [e for e, *_ in scored])
+    if validation is not None and validation["n"] == 0:  # older prediction files: no validation rows
+        validation = None
+        out["note"] = "; ".join(x for x in (out["note"], "thresholds fixed: no validation predictions") if x)
+    if validation is not None:
         val_key = _key("draw", validation["n"], n_boot, seed + 1, validation["clusters"], validation["strata"],
                        *validation["both_classes"])
         val_counts = _cached(memo, val_key, lambda: bootstrap.draw(
@@ -143,7 +147,7 @@ def _validation_scores(val_a: pd.DataFrame, val_b: pd.DataFrame, endpoints: list
     scores, labels = {}, []
     for endpoint in endpoints:
         part = both[both["endpoint"] == endpoint]
-        rows = part["subject_id"].map(pos).to_numpy()
+        rows = part["subject_id"].map(pos).to_numpy(dtype=np.int64)
         y = np.full(len(subjects), np.nan)
         y[rows] = part["y_true"].to_numpy(dtype=float)
         sides = []

@@ -124,6 +124,10 @@ def test_balanced_accuracy_claims_re_pick_thresholds_on_resampled_validation_exa
         assert repicked["deltas"][b] == pytest.approx(delta[0] - delta[1])
     # the threshold's variability enters the interval
     assert repicked["ci_high"] - repicked["ci_low"] > fixed["ci_high"] - fixed["ci_low"]
+    # prediction files without validation rows (older runs): thresholds stay fixed, and the note says so
+    older = paired.paired_endpoint_mean(erm_test, dro_test, "bacc", ("mgmt",), n_boot=400, seed=3,
+                                        val_a=erm_val.iloc[:0], val_b=dro_val.iloc[:0])
+    assert older["deltas"] == pytest.approx(fixed["deltas"]) and "no validation predictions" in older["note"]
     # a memo shared across comparisons (DRO against ERM, then against a third model) changes no number
     memo = {}
     paired.paired_endpoint_mean(erm_test, dro_test, "bacc", ("mgmt",), n_boot=400, seed=3, val_a=erm_val,
