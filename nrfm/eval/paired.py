@@ -35,29 +35,15 @@ def paired_endpoint_mean(a: pd.DataFrame, b: pd.DataFrame, metric: str, endpoint
     seed give the same resamples, and a model's per-endpoint values on them are computed once (DRO's against ERM
     and against reweighted; keys are the data themselves, so a cached value is the value).
     """
-    keys = ["subject_id", "endpoint"]
-    both = a[a["endpoint"].isin(endpoints)].dropna(subset=["y_true"]).merge(
-        b[keys + ["y_score", "threshold"]], on=keys, suffixes=("_a", "_b"))
-    subjects = sorted(both["subject_id"].unique())
-    pos = {s: i for i, s in enumerate(subjects)}
-    patients = both.groupby("subject_id")["patient_id" if "patient_id" in both else "subject_id"].first()
-    clusters = patients.loc[subjects].astype(str).to_numpy()
+    subjects, clusters, per_endpoint = _subject_axis(a, b, endpoints)
     scored, skipped, labels = [], [], []
-    for endpoint, part in both.groupby("endpoint"):
-        y = np.full(len(subjects), np.nan)
-        y[part["subject_id"].map(pos).to_numpy()] = part["y_true"].to_numpy(dtype=float)
-        thresholds = (float(part["threshold_a"].iloc[0]), float(part["threshold_b"].iloc[0]))
+    for endpoint, (y, arrays, thresholds) in per_endpoint.items():
         if np.unique(y[np.isfinite(y)]).size < 2:
             skipped.append(f"{endpoint} (single class)")
             continue
         if metric == "bacc" and not np.isfinite(thresholds).all():
             skipped.append(f"{endpoint} (no validation threshold)")
             continue
-        arrays = []
-        for side in ("a", "b"):
-            s = np.zeros(len(subjects))
-            s[part["subject_id"].map(pos).to_numpy()] = part[f"y_score_{side}"].to_numpy(dtype=float)
-            arrays.append(s)
         scored.append((endpoint, y, arrays, thresholds))
         labels.append(y)
     nan = float("nan")
@@ -136,27 +122,35 @@ def _cached(memo: dict, key: tuple, compute):
     return memo[key]
 
 
-def _validation_scores(val_a: pd.DataFrame, val_b: pd.DataFrame, endpoints: list[str]) -> dict:
-    """Both models' validation scores per endpoint on one subject axis, for re-picking thresholds per resample."""
+def _subject_axis(a: pd.DataFrame, b: pd.DataFrame, endpoints) -> tuple[list, np.ndarray, dict]:
+    """Both models' predictions on one subject axis: (subjects, patient per subject, {endpoint: (y, [score_a,
+    score_b], (threshold_a, threshold_b))}), labelled rows only; y is NaN where a subject has no label for it."""
     keys = ["subject_id", "endpoint"]
-    both = val_a[val_a["endpoint"].isin(endpoints)].dropna(subset=["y_true"]).merge(
-        val_b[keys + ["y_score"]], on=keys, suffixes=("_a", "_b"))
+    both = a[a["endpoint"].isin(endpoints)].dropna(subset=["y_true"]).merge(
+        b[keys + ["y_score", "threshold"]], on=keys, suffixes=("_a", "_b"))
     subjects = sorted(both["subject_id"].unique())
     pos = {s: i for i, s in enumerate(subjects)}
     patients = both.groupby("subject_id")["patient_id" if "patient_id" in both else "subject_id"].first()
-    scores, labels = {}, []
-    for endpoint in endpoints:
-        part = both[both["endpoint"] == endpoint]
+    per_endpoint = {}
+    for endpoint, part in both.groupby("endpoint"):
         rows = part["subject_id"].map(pos).to_numpy(dtype=np.int64)
         y = np.full(len(subjects), np.nan)
         y[rows] = part["y_true"].to_numpy(dtype=float)
         sides = []
         for side in ("a", "b"):
-            s = np.zeros(len(subjects))
-            s[rows] = part[f"y_score_{side}"].to_numpy(dtype=float)
-            sides.append(s)
-        scores[endpoint] = (y, sides)
-        labels.append(y)
-    return {"n": len(subjects), "clusters": patients.loc[subjects].astype(str).to_numpy() if subjects else None,
+            score = np.zeros(len(subjects))
+            score[rows] = part[f"y_score_{side}"].to_numpy(dtype=float)
+            sides.append(score)
+        per_endpoint[endpoint] = (y, sides, (float(part["threshold_a"].iloc[0]), float(part["threshold_b"].iloc[0])))
+    return subjects, patients.loc[subjects].astype(str).to_numpy(), per_endpoint
+
+
+def _validation_scores(val_a: pd.DataFrame, val_b: pd.DataFrame, endpoints: list[str]) -> dict:
+    """Both models' validation scores per endpoint on one subject axis, for re-picking thresholds per resample."""
+    subjects, clusters, per_endpoint = _subject_axis(val_a, val_b, endpoints)
+    empty = (np.full(len(subjects), np.nan), [np.zeros(len(subjects))] * 2)
+    scores = {endpoint: per_endpoint[endpoint][:2] if endpoint in per_endpoint else empty for endpoint in endpoints}
+    labels = [y for y, _ in scores.values()]
+    return {"n": len(subjects), "clusters": clusters if subjects else None,
             "strata": labels[0] if len(labels) == 1 else None,
             "both_classes": labels if len(labels) > 1 else (), "scores": scores}
