@@ -175,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "known ground truth (oracle.csv) and the canonical manifest.")
     p.add_argument("--out", required=True, help="output folder (refused if it already holds a cohort, see --force)")
     p.add_argument("--profile", default="default", choices=("smoke", "default", "large"),
-                   help="cohort size: smoke (tests, seconds), default (about 920 exams, 160 fixed test patients "
-                        "per site, enriched to 15 positives per marker), large (about 1550)")
+                   help="cohort size: smoke (tests, seconds), default (about 1030 exams, 160 fixed test patients "
+                        "per site, 280 at CUIMC, enriched to 15 positives per marker), large (about 1550)")
     p.add_argument("--scenario", default="site-shift", choices=("site-shift", "no-shift"),
                    help="site-shift: a site-linked cue agrees with EGFR at the large sites and is reversed at the "
                         "smallest, whose EGFR phenotype also differs (what group DRO should fix); no-shift: the "

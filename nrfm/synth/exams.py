@@ -1,9 +1,9 @@
 """The exam table of a synthetic cohort: patients, exams, reported labels, the fixed test set and its enrichment.
 
-:func:`exam_table` draws each site's patients (:func:`nrfm.synth.markers.sample_patients`), marks
-``test_per_site`` of them ``split = test`` at random, adds follow-up exams (no survival on them, as the
-importers do), the oracle posteriors and which labels are reported (missing at random per site and endpoint,
-except 1p/19q, tested mainly in IDH-mutant tumours).
+:func:`exam_table` draws each site's patients (:func:`nrfm.synth.markers.sample_patients`), marks a fixed
+number of them (:func:`fixed_test_counts`) ``split = test`` at random, adds follow-up exams (no survival on them,
+as the importers do), the oracle posteriors and which labels are reported (missing at random per site and
+endpoint, except 1p/19q, tested mainly in IDH-mutant tumours).
 
 **Test-set enrichment** (``test_min_positives`` = k > 0). A random test set of realistic size holds few
 positives of a rare marker (1p/19q at UCSF: about 7 of 160 patients; IDH mutation at a glioblastoma-only site:
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -28,7 +29,7 @@ from nrfm.config import BINARY_ENDPOINTS, ENDPOINTS
 from nrfm.synth.markers import log_hazard, oracle_posterior, sample_patients
 from nrfm.synth.sites import SiteTemplate
 
-MIN_NON_TEST_SHARE = 0.25  # a site's fixed test set never takes more than 75 % of its patients
+MIN_NON_TEST_SHARE = 0.15  # a site's fixed test set never takes more than 85 % of its patients
 CODEL_TESTED_IDH_MUTANT = 0.92  # 1p/19q is tested mainly in IDH-mutant tumours (missing not at random)
 CODEL_TESTED_IDH_WILDTYPE_MAX = 0.2  # ... and in at most this share of IDH-wildtype ones
 MAX_ENRICHMENT_DRAWS = 200_000  # candidate patients drawn per site and marker before giving up
@@ -88,21 +89,37 @@ def enrichment_exams(site: SiteTemplate, exams: pd.DataFrame, seed: int, key: in
     return out
 
 
+def fixed_test_size(n: int, wanted: int) -> int:
+    """How many of a site's ``n`` patients are marked ``split = test`` when ``wanted`` are asked for: at most
+    ``wanted``, leaving at least five and :data:`MIN_NON_TEST_SHARE` of them for train/val (which matters for
+    small ``--sites`` counts)."""
+    return min(int(wanted), max(n - max(5, math.ceil(MIN_NON_TEST_SHARE * n)), 0)) if wanted else 0
+
+
+def fixed_test_counts(sites: list[tuple[SiteTemplate, int]], test_per_site: int = 0,
+                test_by_site: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Fixed test patients per site name: ``test_by_site`` where it names the site, else ``test_per_site``,
+    capped by :func:`fixed_test_size`."""
+    by_site = dict(test_by_site or {})
+    return {s.name: fixed_test_size(n, by_site.get(s.name, test_per_site)) for s, n in sites}
+
+
 def exam_table(sites: list[tuple[SiteTemplate, int]], seed: int, test_per_site: int = 0,
-               test_min_positives: int = 0) -> tuple[pd.DataFrame, list]:
+               test_min_positives: int = 0, test_by_site: Mapping[str, int] | None = None) -> tuple[pd.DataFrame, list]:
     """Patients and their exams for every site, with oracle posteriors, generator seeds and the test split.
 
-    ``test_per_site`` patients of each site (leaving at least five and :data:`MIN_NON_TEST_SHARE` of them for
-    train/val, which matters for small ``--sites`` counts) are marked ``split = test`` at random;
-    the others get an empty split. Survival is reported on each patient's first exam only (as the importers
-    do: follow-up exams carry none). ``test_min_positives``: the enrichment of the module docstring.
+    ``test_per_site`` patients of each site (``test_by_site[name]`` for the sites it names; both capped by
+    :func:`fixed_test_size`) are marked ``split = test`` at random; the others get an empty split. Survival is
+    reported on each patient's first exam only (as the importers do: follow-up exams carry none).
+    ``test_min_positives``: the enrichment of the module docstring.
     """
     frames = []
+    n_tests = fixed_test_counts(sites, test_per_site, test_by_site)
     for site, n in sites:
         key = zlib.crc32(site.name.encode("utf-8"))
         rng = np.random.default_rng([seed, key])
         pats = _patients(site, sample_patients(site, n, rng), 0, seed, key)
-        n_test = min(int(test_per_site), max(n - max(5, math.ceil(MIN_NON_TEST_SHARE * n)), 0)) if test_per_site else 0
+        n_test = n_tests[site.name]
         test = np.zeros(n, bool)
         test[np.random.default_rng([seed, key, 1]).permutation(n)[:n_test]] = True
         pats["split"] = np.where(test, "test", "")

@@ -19,7 +19,8 @@ Waterbirds), in medical form.
 ``no-shift``: the same cue at the same per-site rate, independent of every label; the same phenotype and
 hazard model at every site.
 
-"Smallest site" = the site with the fewest patients in the site spec (the last one on a tie). With one
+"Smallest site" = the site with the fewest patients left for training (its patients in the site spec minus
+its fixed test set; the last one on a tie): the smallest training site, which the claims name. With one
 site there is no minority: the cue agrees with the label there (site-shift) or not (no-shift).
 
 Before rendering, :func:`latent_dro_check` fits an ERM and a group-DRO logistic model (Sagawa et al. 2020,
@@ -30,6 +31,7 @@ affected markers of AUC(DRO) - AUC(ERM) there; it is written to cohort.json.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 
 import numpy as np
@@ -52,16 +54,18 @@ def check_scenario(scenario: str) -> str:
     return scenario
 
 
-def smallest_site(site_list: list[tuple[SiteTemplate, int]]) -> str | None:
-    """Name of the site with the fewest patients (last on a tie); None for a single site."""
+def smallest_site(site_list: list[tuple[SiteTemplate, int]], test: Mapping[str, int] | None = None) -> str | None:
+    """Name of the site with the fewest patients left for training, its patients minus its fixed test set
+    ``test[name]`` (last on a tie); None for a single site."""
     if len(site_list) < 2:
         return None
-    fewest = min(n for _, n in site_list)
-    return [s.name for s, n in site_list if n == fewest][-1]
+    left = [(s.name, n - (test or {}).get(s.name, 0)) for s, n in site_list]
+    fewest = min(n for _, n in left)
+    return [name for name, n in left if n == fewest][-1]
 
 
-def apply_scenario(site_list: list[tuple[SiteTemplate, int]], scenario: str,
-                   prevalence: dict[str, float]) -> tuple[list[tuple[SiteTemplate, int]], dict]:
+def apply_scenario(site_list: list[tuple[SiteTemplate, int]], scenario: str, prevalence: dict[str, float],
+                   test: Mapping[str, int] | None = None) -> tuple[list[tuple[SiteTemplate, int]], dict]:
     """Site templates with the scenario's cue, phenotype and hazard model; and a description of the plant.
 
     Args:
@@ -69,9 +73,11 @@ def apply_scenario(site_list: list[tuple[SiteTemplate, int]], scenario: str,
         scenario: ``site-shift`` or ``no-shift``.
         prevalence: configured prevalence of :data:`CUE_ENDPOINT` per site name (sets the cue rate, the
             same in both scenarios).
+        test: fixed test patients per site name (:func:`nrfm.synth.exams.fixed_test_counts`): the plant goes to
+            the site with the fewest patients left for training.
     """
     check_scenario(scenario)
-    small = smallest_site(site_list)
+    small = smallest_site(site_list, test)
     out = []
     for site, n in site_list:
         pi = prevalence[site.name]

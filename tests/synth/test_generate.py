@@ -289,10 +289,14 @@ def test_default_profile_fixed_test_sets_can_decide(seed):
     assert all(row[row["enriched_for"]] == 1 and row[f"observed_{row['enriched_for']}"]
                for _, row in enriched.iterrows())
     # the enrichment adds test exams and changes nothing else: the natural cohort is the one drawn without it
-    natural, _ = synth.exam_table(synth.scenario_sites(synth.PROFILES["default"].sites, "site-shift")[0], 0, 160)
+    prof = synth.PROFILES["default"]
+    natural, _ = synth.exam_table(synth.scenario_sites(prof.sites, "site-shift", prof)[0], 0, 160,
+                                  test_by_site={"CUIMC": 280})
     kept = exams[exams["enriched_for"] == ""].drop(columns="enriched_for").reset_index(drop=True)
     pd.testing.assert_frame_equal(kept, natural.drop(columns="enriched_for").reset_index(drop=True))
     assert train_pool["CUIMC"] <= 70 and train_pool["UCSF"] > 2 * train_pool["CUIMC"]  # imbalanced as in the paper
+    test_patients = natural[natural["split"] == "test"].groupby("site")["patient_id"].nunique()
+    assert test_patients.to_dict() == {"CUIMC": 280, "UCSF": 160, "UPenn": 160}  # the claims' site gets more
     cidx = synth.oracle_cindex_table(exams, ["UCSF", "UPenn", "CUIMC"])
     assert (cidx["c_index"] > 0.55).all()
 
@@ -404,7 +408,7 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
 def test_profiles_and_generic_site():
     assert set(PROFILES) == {"smoke", "default", "large"}
     sizes = {k: sum(n for _, n in parse_site_spec(p.sites)) for k, p in PROFILES.items()}
-    assert 36 <= sizes["smoke"] <= 48 and 800 <= sizes["default"] <= 900 and 1400 <= sizes["large"] <= 1700
+    assert 36 <= sizes["smoke"] <= 48 and 950 <= sizes["default"] <= 1000 and 1400 <= sizes["large"] <= 1700
     (a, _), (b, _) = parse_site_spec("MGH:5, Mayo:4")
     assert a.generic and b.generic and (a.orientation, a.spacing, a.scale) != (b.orientation, b.spacing, b.scale)
     assert parse_site_spec("ucsf:3")[0][0].name == "UCSF"
@@ -454,6 +458,11 @@ def test_site_shift_changes_phenotype_and_hazard_at_the_smallest_site_only():
     shifted, plan = synth.scenario_sites("UCSF:10,UPenn:10,CUIMC:5", "site-shift")
     control, _ = synth.scenario_sites("UCSF:10,UPenn:10,CUIMC:5", "no-shift")
     assert plan["smallest_site"] == "CUIMC"
+    # the plant goes to the smallest TRAINING site: the most patients, the fewest left once the test set is taken
+    prof = synth.PROFILES["default"]
+    assert synth.scenario_sites(prof.sites, "site-shift")[1]["smallest_site"] == "UPenn"  # by patients alone
+    assert synth.scenario_sites(prof.sites, "site-shift", prof)[1]["smallest_site"] == "CUIMC"
+    assert prof.test_counts(parse_site_spec(prof.sites)) == {"UCSF": 160, "UPenn": 160, "CUIMC": 280}
     for (site, _), (plain, _) in zip(shifted, control):
         df = sample_patients(site, 20000, np.random.default_rng(3))
         base = sample_patients(plain, 20000, np.random.default_rng(3))
@@ -482,3 +491,16 @@ def test_cohort_folder_is_named_by_the_generator_source(monkeypatch):
     assert path.parent.name.endswith(f"-seed{cfg.cohort.synth_seed}-g{fingerprint}")
     monkeypatch.setattr(context, "generator_fingerprint", lambda: "0123abcd")
     assert context.cohort_manifest_path(cfg).parent.name.endswith("-g0123abcd")
+
+
+def test_fixed_test_sets_leave_patients_for_training():
+    from nrfm.synth.exams import fixed_test_counts, fixed_test_size
+
+    assert fixed_test_size(345, 280) == 280 and fixed_test_size(345, 0) == 0
+    assert fixed_test_size(100, 280) == 85  # at least 15 % stay for train/val
+    assert fixed_test_size(10, 4) == 4 and fixed_test_size(8, 4) == 3 and fixed_test_size(4, 4) == 0  # and five
+    sites = parse_site_spec("UCSF:20,CUIMC:40")
+    assert fixed_test_counts(sites, 4, {"CUIMC": 30}) == {"UCSF": 4, "CUIMC": 30}
+    exams, _ = synth.exam_table(sites, 0, 4, test_by_site={"CUIMC": 30})
+    first = exams[exams["exam"] == 1]
+    assert first[first["split"] == "test"].groupby("site").size().to_dict() == {"CUIMC": 30, "UCSF": 4}
