@@ -8,7 +8,6 @@ compute and write their verdicts; :func:`collect_metrics` and :func:`spread` put
 from __future__ import annotations
 
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from nrfm.config_loading import load_config
+from nrfm.cores import can_fork, usable_cores
 from nrfm.eval import bootstrap
 from nrfm.eval.claim_rows import (cohort_scenario, gradcam_rows, molecular_rows, read_manifest, read_oracle,
                                   site_mixing_rows, survival_rows)
@@ -28,8 +28,8 @@ from nrfm.pipeline.provenance import describe_context
 
 def _verdict_workers(jobs: int) -> int:
     """Processes for the claims' tests: one per core (at most one per job) where fork exists, else 0 (in process)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(cores, jobs) if cores >= 2 and "fork" in multiprocessing.get_all_start_methods() else 0
+    cores = usable_cores()
+    return min(cores, jobs) if cores >= 2 and can_fork() else 0
 
 
 def _call(job: tuple) -> list[dict]:

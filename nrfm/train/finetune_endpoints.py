@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from nrfm.config import FinetuningConfig
+from nrfm.cores import can_fork, usable_cores
 from nrfm.train.dro import GroupDRO, build_objective
 from nrfm.train.finetune_data import apply_in_batches, build_groups, cuts_of, split_backbone, worst_site_mean_auc
 from nrfm.train.finetune_fit import FinetuneModel, FitResult, search_fit
@@ -68,9 +68,7 @@ def _fit_endpoint(endpoint: str) -> dict[str, Any]:
 def _endpoint_workers(device: torch.device, n_endpoints: int) -> int:
     """Worker processes for the endpoint fits: 2 on a CPU with 2+ cores where fork exists, else 0 (in process).
     The fits are small-tensor steps bound by Python overhead on one core, so two processes take about half the time."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    fork = "fork" in multiprocessing.get_all_start_methods()
-    return 2 if device.type == "cpu" and cores >= 2 and fork and n_endpoints > 1 else 0
+    return 2 if device.type == "cpu" and usable_cores() >= 2 and can_fork() and n_endpoints > 1 else 0
 
 
 def _search_per_endpoint(backbone: nn.Module, inputs: Tensor, manifest: pd.DataFrame, train_rows: np.ndarray,

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from nrfm.config import Config, SSL_METHODS
+from nrfm.cores import usable_cores
 from nrfm.errors import CheckpointError, ConfigError, RunError, TrainingError
 from nrfm.files import atomic_torch_save, safe_torch_load
 from nrfm.models.backbones import Backbone, backbone_arch, build_backbone, use_channels_last
@@ -84,11 +84,7 @@ def pretrain_fingerprint(cfg: Config, method: str, train_ids: Sequence[str]) -> 
 
 def available_cores() -> int:
     """Cores this process may use (its CPU affinity, else ``os.cpu_count``), shared among local DDP ranks."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, cores // distributed.info().local_world_size)
+    return max(1, usable_cores() // distributed.info().local_world_size)
 
 
 def configure_threads(threads: int, num_workers: int) -> int:
