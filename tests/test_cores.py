@@ -24,3 +24,15 @@ def test_no_fork_means_no_worker_processes(monkeypatch):
     assert summary._verdict_workers(3) == 3 and summary._verdict_workers(9) == 4
     monkeypatch.setattr(summary, "can_fork", lambda: False)
     assert summary._verdict_workers(9) == 0
+
+
+def test_single_thread_blas_limits_numpy_blas_and_leaves_torch_alone():
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom threadpoolctl import threadpool_info\nfrom nrfm.cores import single_thread_blas\n"
+            "torch.set_num_threads(2)\nsingle_thread_blas()\n"
+            "print(sorted({i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas'}), "
+            "torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["[1]", "2"]

@@ -18,6 +18,7 @@ import pandas as pd
 
 from nrfm.config import Config
 from nrfm.config_loading import load_config
+from nrfm.cores import single_thread_blas
 from nrfm.data.manifest import read_manifest
 from nrfm.data.preprocessing import preprocessed_dataset
 from nrfm.data.splits import assign_splits, check_no_patient_leak
@@ -266,4 +267,5 @@ def open_run(config: str | Path | Config, run_dir: str | Path | None = None, pro
         atomic_write_csv(frozen, manifest)
         atomic_write_text(layout.manifest_source, f"{source}\n")
     check_no_patient_leak(manifest, where=str(frozen))
+    single_thread_blas()  # a run's BLAS calls are small; two threads fight torch's (nrfm.cores)
     return RunContext(config=cfg, run_dir=run_dir, manifest=manifest, cohort_dir=source.parent)
