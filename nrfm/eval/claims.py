@@ -32,7 +32,9 @@ as data that the notebooks print (:func:`rule_table`, :func:`wording_table`):
    when its resampling scheme has fewer distinct resamples (:func:`nrfm.eval.bootstrap.log10_distinct_resamples`,
    product over strata of C(2k-1, k) for k patients) than family size / ``ALPHA``, the resolution Holm needs
    (about five patients per class and stratum for a family of ~70). An undefined resample (no comparable
-   pair, one class) makes the CI and p NaN ("not evaluable"); it is never dropped.
+   pair, one class) makes the CI and p NaN ("not evaluable"); it is never dropped. Nor is a comparison tested
+   that cannot differ by construction: with a frozen backbone (``finetuning.mode: linear``) every objective has
+   the same embedding, so site mixing is "not evaluable" there, with a note, outside Holm's family.
 3b. **A smallest effect of interest.** A gain is a difference larger than the claim's margin
    (:data:`MARGINS`: 0.01 of AUC, balanced accuracy, c-index or silhouette width, fixed before any run): the p-value
    is for "gain > margin", ``(1 + #{direction * delta_b <= margin}) / (B + 1)``, so that on hundreds of test

@@ -173,7 +173,8 @@ def finetuning_description(cfg: Config) -> str:
                             "(`nrfm/train/finetune_data.py`), the rest of the backbone and the heads are trained",
                  "linear": "**linear**: frozen backbone, the heads alone are trained on its embedding (for reweighted "
                            "ERM and group DRO: group-balanced last-layer retraining); every objective therefore has "
-                           "the pretrained embedding, so notebook 03's site mixing cannot differ between objectives",
+                           "the pretrained embedding, so notebook 03's site mixing cannot differ between objectives "
+                           "(its claim is not tested, notebook 06)",
                  "full": "**full**: every backbone weight is trained on the volumes"}[f.mode]
     if f.head_epochs and f.mode != "linear":
         mode_text += (f"; the first {f.head_epochs} of {f.epochs} epochs train the heads alone on the frozen embedding "
@@ -307,8 +308,9 @@ def verdict_rules_description() -> str:
             f"exams in every resample (the threshold's variability is part of the interval); attribution to DRO "
             f"(`{claims.ATTRIBUTION}`) needs both comparisons (the larger of the two adjusted p). No fixed minimum "
             f"sample size: a comparison is *not evaluable* when its resampling scheme has fewer distinct resamples "
-            f"than family size / {claims.ALPHA:g} (about five patients per class and stratum), or when a resample "
-            f"is undefined; verdicts use at least {bootstrap.HOLM_TAIL_RESAMPLES} x family size / {claims.ALPHA:g} "
+            f"than family size / {claims.ALPHA:g} (about five patients per class and stratum), when a resample "
+            f"is undefined, or when the two objectives cannot differ (site mixing of a frozen backbone: one "
+            f"embedding for every objective), and it is then outside Holm's family; verdicts use at least {bootstrap.HOLM_TAIL_RESAMPLES} x family size / {claims.ALPHA:g} "
             f"resamples, so that about {bootstrap.HOLM_TAIL_RESAMPLES} resamples are expected beyond the margin at "
             f"Holm's strictest threshold (Monte Carlo error does not decide a verdict). {len(claims.CLAIMS)} claims "
             f"are tested (table below).")

@@ -415,3 +415,25 @@ def test_the_planted_marker_claim_is_a_control_of_synthetic_cohorts_only(tmp_pat
     assert claim_rows.cohort_scenario(run) == "imported"
     rows = pd.DataFrame(claim_rows.molecular_rows(run, ["byol"], {}, n_boot=50))
     assert "auc_planted_marker" not in set(rows["claim_key"]) and "auc_rare_site" in set(rows["claim_key"])
+
+
+def test_site_mixing_of_one_shared_embedding_is_not_tested(tmp_path):
+    """A frozen backbone gives every objective the same embedding: DRO cannot mix sites more than ERM there, so
+    the row is not a test (no p-value, outside Holm's family, "not evaluable") and says why."""
+    run, manifest = _run(tmp_path)
+    emb = np.random.default_rng(0).normal(size=(len(manifest), 6))
+    for objective in ("erm", "dro", "reweighted"):
+        np.savez(run / "artifacts" / f"embeddings_byol_{objective}.npz",
+                 subject_id=manifest["subject_id"].to_numpy(dtype=str), embedding=emb)
+    rows = pd.DataFrame(claim_rows.site_mixing_rows(run, ["byol"], n_boot=200, pca_components=3))
+    assert len(rows) == 2 and rows["p_value"].isna().all() and (rows["delta"] == 0).all()
+    assert rows["note"].str.contains("share one embedding").all()
+    other = claim_rows._comparison_row(claims.CLAIMS[2], "byol", "dro", "erm", "Small",
+                                       {"a": 0.5, "b": 0.6, "delta": 0.1, "ci_low": 0.05, "ci_high": 0.15, "n": 50,
+                                        "deltas": np.full(999, 0.1)}, 999)
+    table = claims.decide(pd.concat([rows, pd.DataFrame([other])], ignore_index=True), "site-shift")
+    mixing = table[(table["claim_key"] == "site_mixing") & (table["comparison"] != claims.ATTRIBUTION)]
+    assert (mixing["verdict"] == "not evaluable").all()
+    # the untested rows do not count in the family: the one real test keeps its own p (m = 1)
+    real = table[(table["claim_key"] == claims.CLAIMS[2].key) & (table["comparison"] == "dro-erm")].iloc[0]
+    assert real["adjusted_p"] == pytest.approx(real["p_value"])
