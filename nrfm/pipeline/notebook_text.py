@@ -310,7 +310,8 @@ def verdict_rules_description() -> str:
             f"sample size: a comparison is *not evaluable* when its resampling scheme has fewer distinct resamples "
             f"than family size / {claims.ALPHA:g} (about five patients per class and stratum), when a resample "
             f"is undefined, or when the two objectives cannot differ (site mixing of a frozen backbone: one "
-            f"embedding for every objective), and it is then outside Holm's family; verdicts use at least {bootstrap.HOLM_TAIL_RESAMPLES} x family size / {claims.ALPHA:g} "
+            f"embedding for every objective), and it is then outside Holm's family; verdicts use at least "
+            f"{bootstrap.HOLM_TAIL_RESAMPLES} x family size / {claims.ALPHA:g} "
             f"resamples, so that about {bootstrap.HOLM_TAIL_RESAMPLES} resamples are expected beyond the margin at "
             f"Holm's strictest threshold (Monte Carlo error does not decide a verdict). {len(claims.CLAIMS)} claims "
             f"are tested (table below).")

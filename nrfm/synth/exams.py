@@ -97,7 +97,7 @@ def fixed_test_size(n: int, wanted: int) -> int:
 
 
 def fixed_test_counts(sites: list[tuple[SiteTemplate, int]], test_per_site: int = 0,
-                test_by_site: Mapping[str, int] | None = None) -> dict[str, int]:
+                      test_by_site: Mapping[str, int] | None = None) -> dict[str, int]:
     """Fixed test patients per site name: ``test_by_site`` where it names the site, else ``test_per_site``,
     capped by :func:`fixed_test_size`."""
     by_site = dict(test_by_site or {})

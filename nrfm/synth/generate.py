@@ -103,10 +103,11 @@ class Profile:
 
 # Default: 160 test patients per site, 280 at CUIMC (fixed in the manifest); the rest is train/val for the run
 # to split, so training stays imbalanced as in the paper (CUIMC: 65 non-test patients, e.g. 35 train + 30 val).
-# CUIMC, the smallest training site, is the site every DRO claim names: its test set sets the claims' power
-# (280 patients: a DRO gain of about +0.13 AUC on the planted marker clears Holm's correction, docs/results.md). The grid is
-# 1.3 x the scanners' native spacing (2.6-3.3 mm in-plane), about the pipeline's 3 mm: finer voxels would only
-# be averaged away by the preprocessing and cost generation time.
+# CUIMC, the smallest training site, is the site every molecular DRO claim names: its test set sets the claims'
+# power (280 patients: a DRO gain of about +0.13 AUC on the planted marker clears Holm's correction, projected
+# from the 160-patient runs in docs/results.md). The grid is 1.3 x the scanners' native spacing (2.6-3.3 mm
+# in-plane), about the pipeline's 3 mm: finer voxels would only be averaged away by the preprocessing and cost
+# generation time.
 PROFILES: dict[str, Profile] = {
     "smoke": Profile("smoke", "UCSF:16,UPenn:14,CUIMC:10", 1.6, 6.0,
                      "about 40 exams on a coarse ~4 mm grid: tests and the smoke config, seconds", 4),
