@@ -112,7 +112,7 @@ PROFILES: dict[str, Profile] = {
     "smoke": Profile("smoke", "UCSF:16,UPenn:14,CUIMC:10", 1.6, 6.0,
                      "about 40 exams on a coarse ~4 mm grid: tests and the smoke config, seconds", 4),
     "default": Profile("default", "UCSF:330,UPenn:305,CUIMC:345", 1.3, 6.0,
-                       "about 1050 exams (160 test patients per site, 280 at the smallest training site CUIMC, "
+                       "about 1030 exams (160 test patients per site, 280 at the smallest training site CUIMC, "
                        "enriched to 15 positives per marker) at about 3 mm: the kit's default data", 160, 15,
                        (("CUIMC", 280),)),
     "large": Profile("large", "UCSF:640,UPenn:600,CUIMC:300", 1.0, 6.0,
