@@ -43,6 +43,16 @@ as data that the notebooks print (:func:`rule_table`, :func:`wording_table`):
 4. **Attribution.** A gain is attributed to DRO (row ``comparison = dro vs erm+reweighted``) only when DRO beats
    ERM AND beats reweighted, both Holm-adjusted (intersection-union test: its p is the larger adjusted p). A
    run without a reweighted model (older configs) says so and attributes on DRO - ERM alone.
+4c. **DRO - reweighted is a component, not a claim.** The paper's claims compare DRO with ERM, and the scenarios
+   plant (``site-shift``) or withhold (``no-shift``) a gain of DRO over ERM; neither says how group-balanced
+   reweighting should fare. Reweighting can fall below both on its own: it repeats the few labelled patients of a
+   small site's rare class in every epoch (the no-shift control of 2026-12-06, seed 0, MAE: ATRX AUC at the
+   smallest site 0.41 reweighted against 0.56 DRO and 0.58 ERM, from 4 ATRX-positive training patients). So a
+   DRO - reweighted row is tested in Holm's family and enters the attribution, but its verdict is descriptive
+   (:data:`COMPONENT_WORDING`: "DRO above reweighted" / "DRO not above reweighted"), whatever the cohort, with no
+   control outcome; where DRO is above reweighted but not above ERM, its note says that reweighting fell behind.
+   A claim's control outcome (and, on imported cohorts, "reproduced") is read from its DRO - ERM and attribution
+   rows.
 4b. **The plant's own claim.** The mean over eight markers dilutes what the synthetic ``site-shift`` scenario
    plants (one marker, EGFR, whose site-linked cue is reversed at the smallest site): ``auc_planted_marker`` tests
    that marker's AUC at the smallest site, in both scenarios (on ``no-shift`` it is a negative control like the
@@ -131,13 +141,15 @@ WORDING = {  # (scenario, gain declared) -> verdict
     ("synthetic", True): "gain detected", ("synthetic", False): "no gain detected",  # legacy: no scenario key
     ("imported", True): "reproduced", ("imported", False): "inconclusive",  # "not reproduced": CI below the gain
 }
+COMPONENT = "dro-reweighted"  # rule 4c: tested, part of the attribution, worded descriptively
+COMPONENT_WORDING = {True: "DRO above reweighted", False: "DRO not above reweighted"}
 CONTROL = {("site-shift", True): "true positive", ("site-shift", False): "false negative",
            ("no-shift", True): "false positive", ("no-shift", False): "true negative"}
 TONE = {"planted gain detected": "good", "no gain where none was planted": "good", "reproduced": "good",
         "planted gain not detected": "bad", "gain reported where none was planted": "bad",
         "not reproduced": "bad", "lesion focus shown": "good", "lesion focus not shown": "bad"}
-VERDICTS = frozenset(WORDING.values()) | {"not reproduced", "not evaluable", "no paired data", "lesion focus shown",
-                                          "lesion focus not shown"}
+VERDICTS = frozenset(WORDING.values()) | frozenset(COMPONENT_WORDING.values()) | {
+    "not reproduced", "not evaluable", "no paired data", "lesion focus shown", "lesion focus not shown"}
 VERDICT_COLUMNS = ["claim", "claim_key", "backbone", "comparison", "objective", "site", "metric", "scenario",
                    "margin", "paper_erm", "paper_dro", "paper_delta", "baseline", "value", "delta", "ci_low", "ci_high",
                    "p_value", "adjusted_p", "gain_declared", "verdict", "control", "oracle", "n_test", "n_boot",
@@ -159,8 +171,12 @@ def rule_table() -> pd.DataFrame:
 
 def wording_table() -> pd.DataFrame:
     """Scenario x decision -> verdict wording (and, for the synthetic controls, what a correct answer is)."""
-    return pd.DataFrame([{"scenario": s, "gain declared (Holm-adjusted)": g, "verdict": v,
-                          "control outcome": CONTROL.get((s, g), "")} for (s, g), v in WORDING.items()])
+    rows = [{"scenario": s, "gain declared (Holm-adjusted)": g, "verdict": v,
+             "control outcome": CONTROL.get((s, g), "")} for (s, g), v in WORDING.items()]
+    rows += [{"scenario": f"any ({COMPONENT} rows: a component of the attribution, rule 4c)",
+              "gain declared (Holm-adjusted)": g, "verdict": v, "control outcome": ""}
+             for g, v in COMPONENT_WORDING.items()]
+    return pd.DataFrame(rows)
 
 
 def verdict_tone(verdict: str) -> str:
@@ -169,6 +185,13 @@ def verdict_tone(verdict: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- decisions
+def _erm_gain(table: pd.DataFrame, row: pd.Series) -> bool:
+    """Whether the DRO - ERM row of the same claim, backbone and site declared a gain."""
+    match = table[(table["comparison"] == "dro-erm") & (table["claim_key"] == row["claim_key"])
+                  & (table["backbone"] == row["backbone"]) & (table["site"] == row["site"])]
+    return bool(match["gain_declared"].eq(True).any())
+
+
 def decide(table: pd.DataFrame, scenario: str, alpha: float = ALPHA) -> pd.DataFrame:
     """Holm over the pairwise comparisons, the DRO attribution rows, and the worded verdicts (module rules)."""
     table = table.reindex(columns=VERDICT_COLUMNS).copy()
@@ -184,7 +207,7 @@ def decide(table: pd.DataFrame, scenario: str, alpha: float = ALPHA) -> pd.DataF
     attribution = []
     dro_erm = table[table["comparison"] == "dro-erm"]
     for _, row in dro_erm.iterrows():
-        other = table[(table["comparison"] == "dro-reweighted") & (table["claim_key"] == row["claim_key"])
+        other = table[(table["comparison"] == COMPONENT) & (table["claim_key"] == row["claim_key"])
                       & (table["backbone"] == row["backbone"]) & (table["site"] == row["site"])]
         new = row.copy()
         new["comparison"], new["p_value"] = ATTRIBUTION, np.nan
@@ -206,6 +229,12 @@ def decide(table: pd.DataFrame, scenario: str, alpha: float = ALPHA) -> pd.DataF
             table.at[i, "verdict"], table.at[i, "gain_declared"] = "not evaluable", np.nan
             continue
         gain = bool(row["gain_declared"])
+        if row["comparison"] == COMPONENT:
+            table.at[i, "verdict"], table.at[i, "control"] = COMPONENT_WORDING[gain], ""
+            if gain and not _erm_gain(table, row):
+                table.at[i, "note"] = "; ".join(n for n in (str(row["note"]) if pd.notna(row["note"]) else "",
+                                                            "reweighted fell behind: DRO is not above ERM here") if n)
+            continue
         if row["claim_key"] == "gradcam_lesion":
             table.at[i, "verdict"] = (("reproduced" if gain else "not reproduced" if row["ci_high"] < 1 else
                                        "inconclusive") if scenario == "imported"

@@ -176,11 +176,31 @@ def test_holm_attribution_and_wording_by_scenario():
     no_shift = claims.decide(_decision_table(), "no-shift").set_index(["claim_key", "backbone", "comparison"])
     assert no_shift.loc[("a", "byol", "dro-erm"), "verdict"] == "gain reported where none was planted"
     assert no_shift.loc[("a", "byol", "dro-erm"), "control"] == "false positive"
-    assert no_shift.loc[("a", "dino", "dro-reweighted"), "verdict"] == "no gain where none was planted"
+    assert no_shift.loc[("a", "dino", "dro-reweighted"), "verdict"] == "DRO not above reweighted"
+    assert no_shift.loc[("a", "byol", "dro-reweighted"), "verdict"] == "DRO above reweighted"
+    assert not no_shift.xs("dro-reweighted", level="comparison")["control"].isin(claims.CONTROL.values()).any()
     imported = claims.decide(_decision_table().assign(ci_high=0.03), "imported").set_index(
         ["claim_key", "backbone", "comparison"])
     assert imported.loc[("a", "byol", "dro-erm"), "verdict"] == "reproduced"
     assert imported.loc[("b", "byol", "dro-erm"), "verdict"] == "not reproduced"  # CI below the paper's 0.05
+
+
+def test_dro_above_reweighted_alone_is_not_a_dro_gain():
+    """Rule 4c: reweighting that falls below DRO and ERM alike is not a gain of DRO, in either scenario."""
+    rows = _decision_table()
+    rows.loc[(rows["claim_key"] == "a") & (rows["backbone"] == "dino"), "p_value"] = [0.4, 0.001]
+    for scenario, negative in (("no-shift", "no gain where none was planted"),
+                               ("site-shift", "planted gain not detected"), ("imported", "inconclusive")):
+        table = claims.decide(rows, scenario).set_index(["claim_key", "backbone", "comparison"])
+        component = table.loc[("a", "dino", "dro-reweighted")]
+        assert component["gain_declared"] and component["verdict"] == "DRO above reweighted"
+        assert component["control"] == "" and "reweighted fell behind" in component["note"]
+        assert table.loc[("a", "dino", "dro-erm"), "verdict"] == negative
+        assert table.loc[("a", "dino", claims.ATTRIBUTION), "verdict"] == negative
+        assert not table.loc[("a", "dino", claims.ATTRIBUTION), "gain_declared"]
+        # where DRO beats ERM too, the component row carries no such note
+        assert "fell behind" not in str(table.loc[("a", "byol", "dro-reweighted"), "note"])
+        assert claims.verdict_tone(component["verdict"]) == "neutral"
 
 
 def test_runs_with_only_erm_and_dro_are_attributed_on_dro_minus_erm(tmp_path):
@@ -342,7 +362,7 @@ def test_report_grid_shows_every_verdict_row(tmp_path):
              "objective": "dro", "site": "Small", "metric": "auc", "scenario": "site-shift", "delta": d,
              "ci_low": d - 0.1, "ci_high": d + 0.1, "adjusted_p": p, "verdict": v, "note": ""}
             for c, d, p, v in (("dro-erm", 0.2, 0.001, "planted gain detected"),
-                               ("dro-reweighted", 0.01, 0.4, "planted gain not detected"),
+                               ("dro-reweighted", 0.01, 0.4, "DRO not above reweighted"),
                                (claims.ATTRIBUTION, 0.2, 0.4, "planted gain not detected"))]
     rows += [{"claim": "Grad-CAM concentrates on tumour and peritumoral tissue", "backbone": "byol",
               "comparison": o, "objective": o, "site": "all", "metric": "cam lesion enrichment", "value": 2.0,
@@ -352,7 +372,8 @@ def test_report_grid_shows_every_verdict_row(tmp_path):
     grid = _verdict_html(run).split("<details>")[0]
     for comparison in ("dro-erm", "dro-reweighted", claims.ATTRIBUTION, "· erm", "· dro"):
         assert comparison in grid, comparison
-    assert grid.count("planted gain not detected") == 2 and grid.count("lesion focus shown") == 2
+    assert grid.count("planted gain not detected") == 1 and grid.count("lesion focus shown") == 2
+    assert grid.count("DRO not above reweighted") == 1
     assert "verdict-good" in grid and "verdict-bad" in grid and "site-shift" in grid
 
 
