@@ -100,6 +100,10 @@ class Profile:
         """Fixed test patients per site of ``site_list`` (:func:`nrfm.synth.exams.fixed_test_counts`)."""
         return fixed_test_counts(site_list, self.test_per_site, dict(self.test_by_site))
 
+    def exams(self, site_list: list[tuple[SiteTemplate, int]], seed: int) -> tuple[pd.DataFrame, list[SiteTemplate]]:
+        """:func:`nrfm.synth.exams.exam_table` with this profile's fixed test sets and test enrichment."""
+        return exam_table(site_list, int(seed), self.test_per_site, self.test_min_positives, dict(self.test_by_site))
+
 
 # Default: 160 test patients per site, 280 at CUIMC (fixed in the manifest); the rest is train/val for the run
 # to split, so training stays imbalanced as in the paper (CUIMC: 65 non-test patients, e.g. 35 train + 30 val).
@@ -302,8 +306,7 @@ def generate_cohort(out: Path, profile: str = "default", seed: int = 0, sites: s
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir(parents=True)
-        exams, templates = exam_table(site_list, int(seed), prof.test_per_site, prof.test_min_positives,
-                                      dict(prof.test_by_site))
+        exams, templates = prof.exams(site_list, seed)
         check = latent_dro_check(exams, plan, marker_latents(plan["affected_endpoints"]))
         for s in templates:  # build grids before forking so workers inherit them
             site_grid(s.orientation, spacings[s.name])
@@ -345,7 +348,7 @@ def latent_experiment(profile: str = "default", seed: int = 0, scenario: str = "
     """The exam table and the latent ERM-vs-DRO check of a cohort, without rendering (seconds)."""
     prof = PROFILES[profile]
     site_list, plan = scenario_sites(sites if sites is not None else prof.sites, check_scenario(scenario), prof)
-    exams, _ = exam_table(site_list, int(seed), prof.test_per_site, prof.test_min_positives, dict(prof.test_by_site))
+    exams, _ = prof.exams(site_list, seed)
     return exams, latent_dro_check(exams, plan, marker_latents(plan["affected_endpoints"]))
 
 
