@@ -1,7 +1,8 @@
 """How the ceiling fraction of a linear probe grows with the number of training exams.
 
-Two probes, each a logistic regression per binary marker (train exams; C in {1e-3, 1e-2, 1e-1, 1} chosen on the
-validation AUC; class-balanced), scored as the pooled test ceiling fraction (mean over the eight markers of
+Two probes, each the kit's linear-probe baseline per binary marker
+(:func:`nrfm.eval.baselines.fit_predict_baseline`: logistic regression on the train exams, class-balanced, C chosen
+on the validation AUC), scored as the pooled test ceiling fraction (mean over the eight markers of
 (AUC - 0.5) / (bound - 0.5), the bound being the generator's posterior on the same test exams):
 
 - ``latents``: on the generator's own latents (every phenotype latent exactly, the cue, the site), drawn without
@@ -26,12 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from nrfm.config import BINARY_ENDPOINTS
+from nrfm.eval import baselines
+from nrfm.eval.baselines import fit_predict_baseline
 from nrfm.synth.generate import latent_experiment
 from nrfm.synth.markers import FEATURES
 
@@ -46,24 +46,16 @@ def latent_features(exams: pd.DataFrame) -> np.ndarray:
 
 def ceiling_fraction(features: np.ndarray, labels: pd.DataFrame, bound: pd.DataFrame, train: np.ndarray,
                      val: np.ndarray, test: np.ndarray) -> float:
-    """Mean over the binary markers of (test AUC - 0.5) / (bound AUC - 0.5); ``bound``: the oracle probabilities."""
-    features = np.nan_to_num(features)
-    fractions = []
+    """The kit's linear-probe baseline per binary marker (:func:`nrfm.eval.baselines.fit_predict_baseline`: train
+    rows, C on validation AUC) and its pooled test ceiling fraction against ``bound`` (the oracle probabilities)."""
+    aucs, bounds = {}, {}
     for marker in BINARY_ENDPOINTS:
         y = labels[marker].to_numpy(float)
-        known = np.isfinite(y)
-        best = None
-        for c in (1e-3, 1e-2, 1e-1, 1.0):
-            model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000, class_weight="balanced"))
-            model.fit(features[train & known], y[train & known])
-            score = roc_auc_score(y[val & known], model.predict_proba(features[val & known])[:, 1])
-            if best is None or score > best[0]:
-                best = (score, model)
-        scored = test & known
-        auc = roc_auc_score(y[scored], best[1].predict_proba(features[scored])[:, 1])
-        limit = roc_auc_score(y[scored], bound[marker].to_numpy(float)[scored])
-        fractions.append((auc - 0.5) / (limit - 0.5))
-    return float(np.mean(fractions))
+        fit = fit_predict_baseline(features[train], y[train], features[val], y[val], features[test])
+        scored = np.isfinite(y[test])
+        aucs[marker] = roc_auc_score(y[test][scored], fit.test[scored])
+        bounds[marker] = roc_auc_score(y[test][scored], bound[marker].to_numpy(float)[test][scored])
+    return baselines.ceiling_fraction(aucs, bounds)
 
 
 def run_latents(scenario: str) -> pd.DataFrame:
@@ -93,8 +85,8 @@ def run_images(sites: str, scenario: str, data: str) -> pd.DataFrame:
     from nrfm.eval.handcrafted import feature_table_of_run
     from nrfm.pipeline.context import open_run
 
-    cfg = load_config(ROOT / "configs" / "default.yaml", {"cohort.synth_sites": sites, "cohort.synth_scenario": scenario,
-                                                          "cohort.data_dir": data})
+    overrides = {"cohort.synth_sites": sites, "cohort.synth_scenario": scenario, "cohort.data_dir": data}
+    cfg = load_config(ROOT / "configs" / "default.yaml", overrides)
     ctx = open_run(cfg, Path(data) / f"training-size-{scenario}-{sites.replace(':', '').replace(',', '_')}")
     man = ctx.manifest.reset_index(drop=True)
     handcrafted = feature_table_of_run(ctx).loc[man["subject_id"].astype(str)]
@@ -104,7 +96,7 @@ def run_images(sites: str, scenario: str, data: str) -> pd.DataFrame:
     bound = oracle.loc[man["subject_id"]].reset_index(drop=True)
     split = man["split"].to_numpy()
     train_all, val, test = split == "train", split == "val", split == "test"
-    features = handcrafted.fillna(handcrafted[train_all].median()).to_numpy(float)
+    features = handcrafted.to_numpy(float)  # NaN (an empty sub-region): the training median, inside the fit
     patients = man.loc[train_all, "patient_id"].unique()
     rows = []
     for share in (0.125, 0.25, 0.5, 1.0):
