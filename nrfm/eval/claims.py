@@ -43,20 +43,20 @@ as data that the notebooks print (:func:`rule_table`, :func:`wording_table`):
 4. **Attribution.** A gain is attributed to DRO (row ``comparison = dro vs erm+reweighted``) only when DRO beats
    ERM AND beats reweighted, both Holm-adjusted (intersection-union test: its p is the larger adjusted p). A
    run without a reweighted model (older configs) says so and attributes on DRO - ERM alone.
+4b. **The plant's own claim.** The mean over eight markers dilutes what the synthetic ``site-shift`` scenario
+   plants (one marker, EGFR, whose site-linked cue is reversed at the smallest site): ``auc_planted_marker`` tests
+   that marker's AUC at the smallest site, in both scenarios (on ``no-shift`` it is a negative control like the
+   others). It is not a paper claim and is not tested on imported cohorts (``control_only``).
 4c. **DRO - reweighted is a component, not a claim.** The paper's claims compare DRO with ERM, and the scenarios
    plant (``site-shift``) or withhold (``no-shift``) a gain of DRO over ERM; neither says how group-balanced
-   reweighting should fare. Reweighting can fall below both on its own: it repeats the few labelled patients of a
-   small site's rare class in every epoch (the no-shift control of 2026-12-06, seed 0, MAE: ATRX AUC at the
+   reweighting should fare. Reweighting can fall below both on its own: it draws the few labelled patients of a
+   small site's rare class as often as any larger group (the no-shift control of 2026-12-06, seed 0, MAE: ATRX AUC at the
    smallest site 0.41 reweighted against 0.56 DRO and 0.58 ERM, from 4 ATRX-positive training patients). So a
    DRO - reweighted row is tested in Holm's family and enters the attribution, but its verdict is descriptive
    (:data:`COMPONENT_WORDING`: "DRO above reweighted" / "DRO not above reweighted"), whatever the cohort, with no
    control outcome; where DRO is above reweighted but not above ERM, its note says that reweighting fell behind.
    A claim's control outcome (and, on imported cohorts, "reproduced") is read from its DRO - ERM and attribution
    rows.
-4b. **The plant's own claim.** The mean over eight markers dilutes what the synthetic ``site-shift`` scenario
-   plants (one marker, EGFR, whose site-linked cue is reversed at the smallest site): ``auc_planted_marker`` tests
-   that marker's AUC at the smallest site, in both scenarios (on ``no-shift`` it is a negative control like the
-   others). It is not a paper claim and is not tested on imported cohorts (``control_only``).
 5. **Wording** (:data:`WORDING`): on the synthetic ``site-shift`` scenario a claim is a positive control
    ("planted gain detected" / "planted gain not detected"); on ``no-shift`` a negative control ("no gain where
    none was planted" / "gain reported where none was planted", a false positive); on an imported cohort the
