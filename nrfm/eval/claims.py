@@ -185,11 +185,10 @@ def verdict_tone(verdict: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- decisions
-def _erm_gain(table: pd.DataFrame, row: pd.Series) -> bool:
-    """Whether the DRO - ERM row of the same claim, backbone and site declared a gain."""
-    match = table[(table["comparison"] == "dro-erm") & (table["claim_key"] == row["claim_key"])
-                  & (table["backbone"] == row["backbone"]) & (table["site"] == row["site"])]
-    return bool(match["gain_declared"].eq(True).any())
+def _sibling(table: pd.DataFrame, row: pd.Series, comparison: str) -> pd.DataFrame:
+    """The rows of ``comparison`` that test the same claim, backbone and site as ``row``."""
+    return table[(table["comparison"] == comparison) & (table["claim_key"] == row["claim_key"])
+                 & (table["backbone"] == row["backbone"]) & (table["site"] == row["site"])]
 
 
 def decide(table: pd.DataFrame, scenario: str, alpha: float = ALPHA) -> pd.DataFrame:
@@ -207,8 +206,7 @@ def decide(table: pd.DataFrame, scenario: str, alpha: float = ALPHA) -> pd.DataF
     attribution = []
     dro_erm = table[table["comparison"] == "dro-erm"]
     for _, row in dro_erm.iterrows():
-        other = table[(table["comparison"] == COMPONENT) & (table["claim_key"] == row["claim_key"])
-                      & (table["backbone"] == row["backbone"]) & (table["site"] == row["site"])]
+        other = _sibling(table, row, COMPONENT)
         new = row.copy()
         new["comparison"], new["p_value"] = ATTRIBUTION, np.nan
         if other.empty:
@@ -231,7 +229,7 @@ def decide(table: pd.DataFrame, scenario: str, alpha: float = ALPHA) -> pd.DataF
         gain = bool(row["gain_declared"])
         if row["comparison"] == COMPONENT:
             table.at[i, "verdict"], table.at[i, "control"] = COMPONENT_WORDING[gain], ""
-            if gain and not _erm_gain(table, row):
+            if gain and not _sibling(table, row, "dro-erm")["gain_declared"].eq(True).any():
                 table.at[i, "note"] = "; ".join(n for n in (str(row["note"]) if pd.notna(row["note"]) else "",
                                                             "reweighted fell behind: DRO is not above ERM here") if n)
             continue
